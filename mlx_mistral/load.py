@@ -1,0 +1,133 @@
+"""Model folder (or hub id) -> (Model, Tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs
+from .errors import MistralError
+from .model import Model
+from .tokenizer import load_tokenizer
+
+# What a hub download fetches: an MLX/HF folder's config, weights and tokenizer, nothing else.
+HUB_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def compute_dtype() -> Optional[mx.Dtype]:
+    """float32 on MLX's CPU backend (its quantized matmul is ~10x faster in float32 than in
+    bfloat16); None on GPUs, which keep the checkpoint's float16/bfloat16."""
+    gpu = mx.metal.is_available() or mx.cuda.is_available()
+    return None if gpu else mx.float32
+
+
+def runtime_summary() -> str:
+    """Where the numbers come from, for --verbose."""
+    from . import _blas
+
+    dtype = compute_dtype()
+    return (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
+            f"BLAS: {_blas.describe()}")
+
+
+def resolve(path_or_hub_id: str | Path) -> Path:
+    """A local folder as is; a hub id downloaded (with progress) into the HF cache."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MistralError(f"{path} is a file; expected a model folder")
+        return path
+    if not _HUB_ID.match(str(path_or_hub_id)):
+        raise MistralError(f"no such model folder: {path}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise MistralError(f"cannot download {path_or_hub_id}: {str(e).splitlines()[0]}") from e
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise MistralError(f"{folder} has no config.json") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise MistralError(f"cannot read {folder / 'config.json'}: {e}") from e
+
+
+def weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise MistralError(f"{folder} has no model*.safetensors weights")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise MistralError(f"cannot read {index}: {e}") from e
+        missing = sorted(names - {f.name for f in files})
+        if missing:
+            raise MistralError(f"{folder} is missing weight shard {missing[0]}")
+    return files
+
+
+def load_weights(folder: Path) -> dict[str, mx.array]:
+    weights = {}
+    for f in weight_files(folder):
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise MistralError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+    return weights
+
+
+def quantize_like_folder(model: Model, quantization: dict, weights: dict) -> None:
+    """Turn the Linear/Embedding layers the folder stores quantized into quantized layers,
+    honouring mlx-lm's per-layer overrides (`"model.layers.0.mlp.down_proj": {"bits": 8, ...}`
+    or `false`)."""
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
+    """The model of a local folder. `dtype` overrides the compute dtype policy."""
+    folder = Path(path)
+    args = ModelArgs.from_dict(read_config(folder))
+    model = Model(args)
+    weights = model.sanitize(load_weights(folder))
+    if args.quantization:
+        quantize_like_folder(model, args.quantization, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise MistralError(f"weights in {folder} do not match config.json: {str(e).splitlines()[0]}") from e
+    dtype = dtype or compute_dtype()
+    if dtype is not None:
+        model.set_dtype(dtype)  # floating parameters only; packed 4-bit weights stay uint32
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
+    """`(model, tokenizer)` from a model folder or a hub id."""
+    folder = resolve(path_or_hub_id)
+    read_config(folder), weight_files(folder)  # fail on a broken folder before the slow parts
+    tokenizer = load_tokenizer(folder)
+    return load_model(folder, dtype=dtype, lazy=lazy), tokenizer
