@@ -19,8 +19,7 @@ def sampler_from(
         raise ValueError("temperature must be >= 0")
     if not 0.0 < top_p <= 1.0:
         raise ValueError("top_p must be in (0, 1]")
-    # mlx-lm treats top_p == 1.0 as "off" only when passed 0.0 or 1.0; both mean no filter here
-    return make_sampler(temp=temperature, top_p=0.0 if top_p >= 1.0 else top_p, min_p=min_p, top_k=top_k)
+    return make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)  # top_p 1.0 = off
 
 
 def processors_from(
