@@ -134,7 +134,7 @@ def test_quantized_output_is_bit_identical_to_mlx_lm_convert(tiny_dir, tmp_path)
 
 
 def test_mixed_recipe_writes_per_layer_overrides_both_loaders_honour(tiny_dir, tmp_path):
-    from mlx_lm.utils import load_model as mlx_lm_load_model
+    import mlx_lm
 
     out = convert(tiny_dir, tmp_path / "mixed", bits=4, group_size=32, recipe="mixed").out
     q = json.loads((out / "config.json").read_text())["quantization"]
@@ -144,7 +144,7 @@ def test_mixed_recipe_writes_per_layer_overrides_both_loaders_honour(tiny_dir, t
     assert q["model.layers.1.self_attn.v_proj"] == q["model.layers.1.mlp.down_proj"] == high
     assert "model.layers.0.mlp.down_proj" not in q and q["bits"] == 4
     ours = load_model(out)
-    lm, _ = mlx_lm_load_model(out)
+    lm, _ = mlx_lm.load(str(out))  # with its tokenizer, from tekken.json
     for model in (ours, lm):
         assert model.model.embed_tokens.bits == 6 and model.lm_head.bits == 6
         assert model.model.layers[1].mlp.down_proj.bits == 6 and model.model.layers[0].mlp.down_proj.bits == 4
