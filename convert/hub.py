@@ -70,7 +70,11 @@ def cached_snapshot(repo: str, patterns: list[str]) -> Optional[Path]:
 
 
 def download_source(repo: str) -> Path:
-    files, _ = repo_info(repo)
+    """The files of hub checkpoint `repo` a conversion needs, in one layout."""
+    try:
+        files, _ = repo_info(repo)
+    except MistralError as e:
+        raise MistralError(f"{e} ({repo} is not a local folder either)") from None
     try:
         patterns = source_patterns(files)
     except MistralError as e:
