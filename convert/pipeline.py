@@ -15,7 +15,8 @@ from typing import Iterator, Optional, Protocol
 
 from ..errors import MistralError
 from . import hub
-from .quantize import BITS, DTYPES, GROUP_SIZES, RECIPES, bits_per_weight, output_specs, plan, quantization_config, quantize_block
+from .quantize import (BITS, DTYPES, GROUP_SIZES, RECIPES, bits_per_weight, output_specs, plan, quantization_config,
+                       quantize_block)
 from .source import Source, SourceTensor, open_source
 from .writer import SHARD_BYTES, StreamingShardWriter, atomic_output_dir, write_config
 
