@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +17,7 @@ import mlx.core as mx
 from ..errors import MistralError
 
 SHARD_BYTES = 5 * 1024**3  # the same shard size HF and mlx-lm write
+SAFETENSORS_DTYPES = {mx.uint32: "U32", mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32"}
 
 
 class ShardWriter:
@@ -49,15 +52,104 @@ class ShardWriter:
         """Write what is left, rename the shards to their final names, write the index."""
         self.flush()
         n = len(self.shards)
-        weight_map, paths = {}, []
-        for i, names in enumerate(self.shards):
-            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        paths = []
+        for i in range(n):
+            final = self.folder / shard_name(i, n)
             (self.folder / f"shard-{i:05d}.tmp.safetensors").rename(final)
             paths.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_index(self.folder, self.shards, self.total_bytes)
         return paths
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(folder: Path, shards: list[list[str]], total_bytes: int) -> None:
+    """`model.safetensors.index.json`: which shard holds each tensor."""
+    weight_map = {name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class StreamingShardWriter:
+    """Writes tensors whose names, shapes and dtypes are known up front straight to their place
+    on disk, one row block at a time.
+
+    Every shard's header is written first, so a block goes out as soon as it is computed and
+    memory holds one block rather than a 5 GB shard (which `ShardWriter` buffers). Use as a
+    context manager: the files are closed however the block ends.
+    """
+
+    def __init__(self, folder: Path, specs: list[tuple[str, tuple[int, ...], mx.Dtype]],
+                 max_bytes: int = SHARD_BYTES, metadata_format: str = "mlx"):
+        self.folder = Path(folder)
+        shards: list[list[tuple[str, tuple[int, ...], mx.Dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in specs:
+            nbytes = math.prod(shape) * dtype.size
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        self.shards = [[name for name, _, _ in shard] for shard in shards]
+        self.total_bytes = sum(math.prod(shape) * dtype.size for _, shape, dtype in specs)
+        self.files: list = []
+        # name -> [file index, next byte offset, bytes still to write, shape, dtype]
+        self.slots: dict[str, list] = {}
+        for i, shard in enumerate(shards):
+            self._start_shard(i, shard, metadata_format)
+
+    def _start_shard(self, i: int, shard: list, metadata_format: str) -> None:
+        header, offset = {}, 0
+        for name, shape, dtype in shard:
+            nbytes = math.prod(shape) * dtype.size
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": metadata_format}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the spec asks
+        f = open(self.folder / shard_name(i, len(self.shards)), "wb")
+        self.files.append(f)
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        data_start = 8 + len(blob)
+        f.truncate(data_start + offset)
+        for name, shape, dtype in shard:
+            nbytes = math.prod(shape) * dtype.size
+            self.slots[name] = [i, data_start + header[name]["data_offsets"][0], nbytes, shape, dtype]
+
+    def write(self, name: str, block: mx.array) -> None:
+        """Append the next rows of tensor `name` (all of it for a 1-D tensor)."""
+        i, offset, left, shape, dtype = self.slots[name]
+        if block.dtype != dtype or tuple(block.shape[1:]) != shape[1:] or block.nbytes > left:
+            raise ValueError(f"block {block.dtype}{tuple(block.shape)} does not fit tensor {name} {dtype}{shape}")
+        block = mx.contiguous(block)
+        mx.eval(block)
+        f = self.files[i]
+        f.seek(offset)
+        f.write(memoryview(block))
+        self.slots[name][1:3] = [offset + block.nbytes, left - block.nbytes]
+
+    def close(self) -> list[Path]:
+        """Check every tensor was written in full, close the shards, write the index."""
+        unfinished = [name for name, slot in self.slots.items() if slot[2]]
+        if unfinished:
+            raise ValueError(f"tensor {unfinished[0]} was not written in full")
+        self._close_files()
+        write_index(self.folder, self.shards, self.total_bytes)
+        return [self.folder / shard_name(i, len(self.shards)) for i in range(len(self.shards))]
+
+    def _close_files(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "StreamingShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_files()
 
 
 @contextlib.contextmanager
@@ -74,6 +166,7 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
         yield tmp
         if out.exists():
             shutil.rmtree(out)

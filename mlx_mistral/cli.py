@@ -134,6 +134,31 @@ def synth(out, preset, bits, group_size, seed, force):
     click.echo(f"wrote {preset} checkpoint to {path}")
 
 
+@cli.command("convert")
+@click.argument("src")
+@click.argument("out", type=click.Path())
+@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True,
+              help="Quantization width (MLX affine).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Weights sharing one scale and bias.")
+@click.option("--no-quantize", is_flag=True, help="Keep full precision (in --dtype).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Dtype of unquantized tensors, scales and biases.")
+@click.option("--recipe", type=click.Choice(["uniform", "mixed"]), default="uniform", show_default=True,
+              help="mixed: embedding, head and the sensitive v_proj/down_proj at 6 bits.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert_cmd(src, out, bits, group_size, no_quantize, dtype, recipe, force):
+    """Convert a checkpoint (HF or consolidated folder, or hub id) SRC into the MLX folder OUT."""
+    from .convert.pipeline import RichProgress, convert
+
+    with RichProgress() as progress:
+        r = convert(src, out, bits=int(bits), group_size=int(group_size), quantize=not no_quantize,
+                    dtype=dtype, recipe=recipe, force=force, progress=progress)
+    what = "unquantized" if no_quantize else f"{r.bits_per_weight:.2f} bits per weight"
+    click.echo(f"wrote {r.out}: {r.tensors} tensors from the {r.source.layout} checkpoint, "
+               f"{r.nbytes / 1e6:,.0f} MB in {r.shards} shard(s), {what}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     cli.main(args=argv, prog_name="mlx-mistral")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +18,6 @@ from .tokenizer import load_tokenizer
 # What a hub download fetches: an MLX/HF folder's config, weights and tokenizer, nothing else.
 HUB_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def compute_dtype() -> Optional[mx.Dtype]:
@@ -38,21 +37,46 @@ def runtime_summary() -> str:
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
-    """A local folder as is; a hub id downloaded (with progress) into the HF cache."""
+    """A local folder as is. A hub id of an MLX folder is downloaded (with progress) into the HF
+    cache; any other hub checkpoint (the default model's is one) is downloaded and converted to
+    4-bit once, into mlx-mistral's cache, and reused from there."""
+    from .convert import hub
+
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
             raise MistralError(f"{path} is a file; expected a model folder")
         return path
-    if not _HUB_ID.match(str(path_or_hub_id)):
+    if not hub.HUB_ID.match(str(path_or_hub_id)):
         raise MistralError(f"no such model folder: {path}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+    repo = str(path_or_hub_id)
+    converted = hub.converted_path(repo)
+    if (converted / "config.json").exists():
+        return converted
     try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise MistralError(f"cannot download {path_or_hub_id}: {str(e).splitlines()[0]}") from e
+        files, tags = hub.repo_info(repo)
+    except MistralError:
+        cached = hub.cached_snapshot(repo, HUB_PATTERNS)  # offline: an MLX folder downloaded before
+        if cached is None or not (cached / "config.json").exists():
+            raise
+        return cached
+    if "mlx" in tags or _is_mlx_config(repo, files):
+        return hub.download(repo, HUB_PATTERNS)
+    from .convert.pipeline import RichProgress, convert
+
+    print(f"mlx-mistral: converting {repo} to MLX 4-bit once, into {converted}", file=sys.stderr)
+    with RichProgress(f"converting {repo}") as progress:
+        convert(repo, converted, bits=4, group_size=64, progress=progress)
+    return converted
+
+
+def _is_mlx_config(repo: str, files: list[str]) -> bool:
+    """Whether the repo's config.json says it is already quantized for MLX."""
+    if "config.json" not in files:
+        return False
+    from .convert import hub
+
+    return "quantization" in read_config(hub.download(repo, ["config.json"]))
 
 
 def read_config(folder: Path) -> dict:
