@@ -25,7 +25,9 @@ from .errors import MistralError
 
 TOOL_CALLS_ID = 9  # [TOOL_CALLS] in the Tekken V7 vocabulary
 # json.dumps' separators: what the model saw in training, and no room for free whitespace
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# oneOf is enforced as anyOf (llguidance cannot check exclusivity) rather than refused
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                "coerce_one_of": True}
 CALL_ID_PATTERN = "[a-zA-Z0-9]{9}"
 # a free-form object key: one to 64 characters that need no escape
 KEY_PATTERN = '^[^"\\\\\\x00-\\x1f]{1,64}$'
@@ -42,6 +44,7 @@ class Limits:
     max_properties: int = 16  # keys of a free-form object
     max_depth: int = 4  # nesting of free-form JSON (a schema of {} or a json_object reply)
     max_abs_number: int = 10**15  # |x| of a number or integer without bounds (no exponents)
+    max_decimals: int = 6  # fraction digits of a number without multipleOf
     max_calls: int = 8  # tool calls in one reply
 
 
@@ -53,7 +56,7 @@ def free_json(limits: Limits, depth: Optional[int] = None, *, top_object: bool =
     n = limits.max_abs_number
     scalars = [{"type": "string", "maxLength": limits.max_string},
                {"type": "integer", "minimum": -n, "maximum": n},
-               {"type": "number", "minimum": -n, "maximum": n},
+               {"type": "number", "minimum": -n, "maximum": n, "multipleOf": 10.0 ** -limits.max_decimals},
                {"type": "boolean"}, {"type": "null"}]
     if depth <= 0 and not top_object:
         return {"anyOf": scalars}
@@ -96,6 +99,8 @@ def bound_schema(schema: Any, limits: Limits, depth: Optional[int] = None) -> An
             out["minimum"] = -limits.max_abs_number
         if "maximum" not in out and "exclusiveMaximum" not in out:
             out["maximum"] = limits.max_abs_number
+    if "number" in types and "integer" not in types:
+        out.setdefault("multipleOf", 10.0 ** -limits.max_decimals)  # bounds the fraction digits
     if "object" in types:
         extra = out.get("additionalProperties", True)
         if "properties" in out or "patternProperties" in out:
@@ -262,7 +267,8 @@ class GrammarProcessor:
         self.bitmask = allocate_token_bitmask(1, self.lltok.vocab_size)  # (1, ceil(V / 32)) int32
         self.shifts = mx.arange(32, dtype=mx.int32)
         self.seen: Optional[int] = None  # history length already consumed
-        self.mask_seconds = 0.0
+        self.mask_seconds = 0.0  # llguidance computing masks
+        self.host_seconds = 0.0  # all host work per step, past the wait for the sampled id
         self.masks = 0
 
     def _consume(self, tokens: list[int]) -> None:
@@ -277,10 +283,15 @@ class GrammarProcessor:
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         if self.seen is None:
             self.seen = history.size
+            start = time.perf_counter()
         elif history.size > self.seen:
             mx.async_eval(logits)  # the device runs the forward pass while the CPU works below
-            self._consume(history[self.seen:].tolist())
+            new = history[self.seen:].tolist()  # waits for the previous step's sample only
+            start = time.perf_counter()
+            self._consume(new)
             self.seen = history.size
+        else:
+            start = time.perf_counter()
         if not self.active:
             return logits
         from llguidance.numpy import fill_next_token_bitmask
@@ -294,7 +305,9 @@ class GrammarProcessor:
         vocab = logits.shape[-1]
         if allowed.size < vocab:  # ids past the tokenizer's vocabulary are never allowed
             allowed = mx.concatenate([allowed, mx.zeros((vocab - allowed.size,), mx.int32)])
-        return mx.where(allowed[:vocab].astype(mx.bool_), logits, -mx.inf)
+        out = mx.where(allowed[:vocab].astype(mx.bool_), logits, -mx.inf)
+        self.host_seconds += time.perf_counter() - start
+        return out
 
     @property
     def accepting(self) -> bool:
