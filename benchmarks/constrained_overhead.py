@@ -1,8 +1,9 @@
 """Per-token cost of constrained decoding (forced tool call) against free decoding.
 
-    python benchmarks/constrained_overhead.py [--model DIR] [--repeats 3] [--json out.json]
+    python benchmarks/constrained_overhead.py [--model DIR | --preset small] [--repeats 3] [--json out.json]
 
-Without --model, a random-weight `small` preset checkpoint (4-bit) is written to /tmp once.
+Without --model, a random-weight checkpoint of `--preset` (default small, 4-bit) is written to
+/tmp once.
 Both runs decode the same number of tokens from the same prompt on the same model; the
 constrained one masks every token with the V7 tool-call grammar. Printed: ms/token of each,
 the difference, and the host time the constraint adds per token (consuming the sampled id,
@@ -44,15 +45,16 @@ def decode_ms_per_token(model, tok, n_tokens: int, processors=None, seed: int = 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
+    ap.add_argument("--preset", default="small", help="synth preset used when --model is not given")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    path = Path(args.model) if args.model else Path("/tmp/mlx-mistral-bench/small-q4")
+    path = Path(args.model) if args.model else Path(f"/tmp/mlx-mistral-bench/{args.preset}-q4")
     if not path.exists():
         from mlx_mistral.synth import synth
 
-        print(f"writing the small preset (4-bit) to {path} ...")
-        synth(path, "small", bits=4, group_size=64, seed=0)
+        print(f"writing the {args.preset} preset (4-bit) to {path} ...")
+        synth(path, args.preset, bits=4, group_size=64, seed=0)
     model, tok = load(path)
     limits = Limits(max_string=48, max_items=6, max_calls=4)
     grammar = plan(TOOLS, "required", limits=limits).grammar

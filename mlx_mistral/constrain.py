@@ -309,10 +309,6 @@ class GrammarProcessor:
         self.host_seconds += time.perf_counter() - start
         return out
 
-    @property
-    def accepting(self) -> bool:
-        return self.matcher.is_accepting()
-
 
 def ban_tokens(ids: tuple[int, ...]):
     """Logits processor forbidding `ids` (e.g. [TOOL_CALLS] under tool_choice "none")."""
@@ -329,6 +325,8 @@ def make_processor(tokenizer, tools: Optional[list[dict]] = None, tool_choice: T
                    parallel_tool_calls: bool = True):
     """The logits processor enforcing a request's tool choice and response format, or None."""
     p = plan(tools, tool_choice, response_format, limits, parallel_tool_calls)
+    if getattr(tokenizer, "mistral", None) is None and (p.wait_for is not None or p.banned):
+        return None  # other chat formats have no [TOOL_CALLS] to wait for or forbid
     if p.grammar is not None:
         return GrammarProcessor(tokenizer, p.grammar, wait_for=p.wait_for)
     if p.banned:

@@ -286,11 +286,15 @@ def stream_chat_completion(model, tokenizer, messages: list[dict],
     {"tool_calls": [...]} pieces), and last {"delta": {}, "finish_reason": ..., "usage": ...,
     "timing": {"prompt_tps", "generation_tps", "peak_memory_gb"}}."""
     calls = ToolCallStream(call_marker(tokenizer))
+    steps = stream_generate(model, tokenizer, messages, **kwargs)
+    last = next(steps)  # a bad request raises here, before any chunk is sent
     yield {"delta": {"role": "assistant"}, "finish_reason": None}
-    last = None
-    for last in stream_generate(model, tokenizer, messages, **kwargs):
+    while True:
         for delta in calls.feed(last.token, last.text):
             yield {"delta": delta, "finish_reason": None}
+        if last.finish_reason is not None:
+            break
+        last = next(steps)
     for delta in calls.finish():
         yield {"delta": delta, "finish_reason": None}
     finish = "tool_calls" if calls.calls else last.finish_reason

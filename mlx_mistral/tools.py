@@ -93,7 +93,7 @@ def _openai_call(call: Any) -> Optional[dict]:
 def parse_calls_text(text: str) -> Optional[list[dict]]:
     """The JSON list after `[TOOL_CALLS]` as OpenAI tool calls; None if it is not one."""
     try:
-        value, end = json.JSONDecoder().raw_decode(text.strip())
+        value, _ = json.JSONDecoder().raw_decode(text.strip())  # text after the list is ignored
     except json.JSONDecodeError:
         return None
     if isinstance(value, dict):  # a single call without the list

@@ -148,3 +148,9 @@ def test_plans():
     assert "json_reply" in plan(TOOLS, "auto", {"type": "json_object"}).grammar
     with pytest.raises(MistralError):
         plan(TOOLS, "required", {"type": "json_object"})
+
+
+def test_stream_rejects_a_bad_request_before_any_chunk(tiny):
+    chunks = stream_chat_completion(*tiny, MESSAGES, tools=TOOLS, tool_choice="nope", max_tokens=4)
+    with pytest.raises(MistralError, match="not among the tools"):
+        next(chunks)
