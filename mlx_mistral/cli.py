@@ -46,6 +46,21 @@ def model_option(f):
                         help="Model folder or hub id.")(f)
 
 
+def structured_options(f):
+    """Tool and JSON-schema flags shared by generate and chat (see the block above main)."""
+    options = [
+        click.option("--tools", type=click.Path(dir_okay=False), default=None,
+                     help="JSON file: a list of OpenAI tool (or bare function) definitions."),
+        click.option("--tool-choice", default="auto", show_default=True,
+                     help="auto, none, required, or the name of a function to call."),
+        click.option("--json-schema", type=click.Path(dir_okay=False), default=None,
+                     help="JSON schema file the reply must follow."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     out = {k: kw[k] for k in keys}
@@ -64,9 +79,10 @@ def cli():
 @click.option("--prompt", "-p", default=None, help="Prompt text; '-' or absent reads stdin.")
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
+@structured_options
 @click.option("--verbose", "-v", is_flag=True, help="Print tokens/s and peak memory.")
-def generate(model, prompt, system, verbose, **kw):
-    """Generate a reply to one prompt, streamed to stdout."""
+def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, **kw):
+    """Generate a reply to one prompt, streamed to stdout (tool calls as a JSON list)."""
     from .generate import stream_generate
     from .load import load
 
@@ -76,7 +92,11 @@ def generate(model, prompt, system, verbose, **kw):
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise MistralError("the prompt is empty")
+    structured = _structured(tools, tool_choice, json_schema)
     m, tokenizer = load(model)
+    if structured:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return _generate_structured(m, tokenizer, messages, structured, _sampling(kw), verbose)
     last = None
     for last in stream_generate(m, tokenizer, prompt, system=system, **_sampling(kw)):
         click.echo(last.text, nl=False)
@@ -101,13 +121,15 @@ def _report(r, err: bool = False) -> None:
 @model_option
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
-def chat(model, system, **kw):
-    """Interactive chat. /reset, /system TEXT, /quit; end a line with \\ to continue it."""
+@structured_options
+def chat(model, system, tools, tool_choice, json_schema, **kw):
+    """Interactive chat. /reset, /system TEXT, /result JSON, /quit; end a line with \\ to continue it."""
     from .chat_repl import ChatSession
     from .load import load
 
+    structured = _structured(tools, tool_choice, json_schema)
     m, tokenizer = load(model)
-    ChatSession(m, tokenizer, system=system, sampling=_sampling(kw)).run()
+    ChatSession(m, tokenizer, system=system, sampling=_sampling(kw), **structured).run()
 
 
 @cli.command()
@@ -157,6 +179,70 @@ def convert_cmd(src, out, bits, group_size, no_quantize, dtype, recipe, force):
     what = "unquantized" if no_quantize else f"{r.bits_per_weight:.2f} bits per weight"
     click.echo(f"wrote {r.out}: {r.tensors} tensors from the {r.source.layout} checkpoint, "
                f"{r.nbytes / 1e6:,.0f} MB in {r.shards} shard(s), {what}")
+
+# ---- tools and structured output: file loading and the generate path for --tools / --json-schema
+
+def _read_json(path: str, what: str):
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MistralError(f"cannot read {what} {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MistralError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _structured(tools_path, tool_choice, schema_path) -> dict:
+    """--tools / --tool-choice / --json-schema as keywords for the chat API ({} when unused)."""
+    out: dict = {}
+    if tools_path:
+        tools = _read_json(tools_path, "tools file")
+        if isinstance(tools, dict):
+            tools = tools.get("tools", [tools])
+        if not isinstance(tools, list) or not tools:
+            raise MistralError(f"tools file {tools_path} must hold a non-empty JSON list of tool definitions")
+        # a bare function definition {"name", "parameters"} is wrapped as OpenAI does
+        out["tools"] = [t if isinstance(t, dict) and "function" in t else {"type": "function", "function": t}
+                        for t in tools]
+    if tool_choice != "auto":
+        if "tools" not in out:
+            raise MistralError("--tool-choice needs --tools")
+        out["tool_choice"] = tool_choice
+    if schema_path:
+        schema = _read_json(schema_path, "JSON schema")
+        if not isinstance(schema, dict):
+            raise MistralError(f"JSON schema {schema_path} must be a JSON object")
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    return out
+
+
+def _generate_structured(model, tokenizer, messages, structured: dict, sampling: dict, verbose: bool) -> None:
+    """Streams text; tool calls are printed at the end as an OpenAI `tool_calls` JSON list."""
+    import json
+
+    from .generate import stream_chat_completion
+
+    calls: dict = {}
+    last = None
+    for last in stream_chat_completion(model, tokenizer, messages, **structured, **sampling):
+        delta = last["delta"]
+        click.echo(delta.get("content", ""), nl=False)
+        for piece in delta.get("tool_calls", []):
+            call = calls.setdefault(piece["index"], {"id": piece.get("id"), "type": "function",
+                                                     "function": {"name": "", "arguments": ""}})
+            call["function"]["name"] += piece.get("function", {}).get("name", "")
+            call["function"]["arguments"] += piece.get("function", {}).get("arguments", "")
+    if calls and last["finish_reason"] == "tool_calls":
+        click.echo(json.dumps([calls[i] for i in sorted(calls)], indent=2, ensure_ascii=False), nl=False)
+    click.echo()
+    if verbose:
+        usage, timing = last["usage"], last["timing"]
+        click.echo(f"finish: {last['finish_reason']} | prompt: {usage['prompt_tokens']} tokens, "
+                   f"{timing['prompt_tps']:.2f} tokens/s | decode: {usage['completion_tokens']} tokens, "
+                   f"{timing['generation_tps']:.2f} tokens/s | peak memory: {timing['peak_memory_gb']:.2f} GB",
+                   err=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

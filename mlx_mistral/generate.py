@@ -9,8 +9,10 @@ from typing import Any, Callable, Generator, Iterable, Optional, Union
 import mlx.core as mx
 
 from .cache import make_cache
+from .constrain import Limits, ToolChoice, make_processor
 from .errors import MistralError
 from .sampling import LogitsProcessor, Sampler, processors_from, sampler_from
+from .tools import ToolCallStream, call_marker, parse_reply, validate_request
 
 Prompt = Union[str, list[int], list[dict]]
 
@@ -163,20 +165,40 @@ def stream_generate(
     stop: Optional[Union[str, list[str]]] = None,
     system: Optional[str] = None,
     tools: Optional[list[dict]] = None,
+    tool_choice: ToolChoice = "auto",
+    response_format: Optional[dict] = None,
+    parallel_tool_calls: bool = True,
+    limits: Optional[Limits] = None,
     prompt_cache: Optional[list] = None,
     logits_processors: Optional[list[LogitsProcessor]] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     ignore_eos: bool = False,
 ) -> Generator[Response, None, None]:
-    """Stream a reply as `Response`s; the last one carries `finish_reason`."""
+    """Stream a reply as `Response`s; the last one carries `finish_reason`.
+
+    `tools` (OpenAI function definitions), `tool_choice` ("auto", "none", "required", or a
+    function by name or as {"type": "function", "function": {"name": ...}}) and
+    `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+    {"schema": ...}}) constrain the reply with a grammar, so a tool call or JSON reply is
+    always well-formed and valid (within `limits`, the bounds put on values a schema leaves
+    unbounded); `chat_completion` turns the ids into tool calls.
+    """
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        validate_request(list(prompt), tools)
+    elif tools:
+        validate_request([], tools)
     ids = encode_prompt(tokenizer, prompt, system=system, tools=tools)
     if max_tokens < 1:
         raise MistralError("max_tokens must be at least 1")
+    constraint = make_processor(tokenizer, tools, tool_choice, response_format,
+                                parallel_tool_calls=parallel_tool_calls, limits=limits or Limits())
     try:
         sampler = sampler_from(temperature, top_p, top_k, min_p)
         processors = processors_from(repetition_penalty) + list(logits_processors or [])
     except ValueError as e:
         raise MistralError(str(e)) from e
+    if constraint is not None:  # last, so no later processor can re-allow a masked token
+        processors.append(constraint)
     if seed is not None:
         mx.random.seed(seed)
     stops = _StopMatcher([stop] if isinstance(stop, str) else (stop or []))
@@ -238,8 +260,52 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
     return "".join(pieces)
 
 
+def _usage(last: Optional[Response]) -> dict:
+    prompt, completion = (last.prompt_tokens, last.generation_tokens) if last else (0, 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_completion(model, tokenizer, messages: list[dict], **kwargs: Any) -> dict:
+    """One assistant turn: {"message": {"role", "content", "tool_calls"?}, "finish_reason":
+    "stop" | "length" | "tool_calls", "usage": {"prompt_tokens", "completion_tokens",
+    "total_tokens"}}. Takes `stream_generate`'s keywords (tools, tool_choice, response_format,
+    sampling)."""
+    tokens, last = [], None
+    for last in stream_generate(model, tokenizer, messages, **kwargs):
+        if last.token is not None:
+            tokens.append(last.token)
+    message = parse_reply(tokens, tokenizer)
+    finish = "tool_calls" if message.get("tool_calls") else last.finish_reason
+    return {"message": message, "finish_reason": finish, "usage": _usage(last)}
+
+
+def stream_chat_completion(model, tokenizer, messages: list[dict],
+                           **kwargs: Any) -> Generator[dict, None, None]:
+    """OpenAI chat-completion chunks' choice parts: {"delta": {...}, "finish_reason": None}
+    while generating ({"role": "assistant"} first, then {"content": text} pieces, then
+    {"tool_calls": [...]} pieces), and last {"delta": {}, "finish_reason": ..., "usage": ...,
+    "timing": {"prompt_tps", "generation_tps", "peak_memory_gb"}}."""
+    calls = ToolCallStream(call_marker(tokenizer))
+    steps = stream_generate(model, tokenizer, messages, **kwargs)
+    last = next(steps)  # a bad request raises here, before any chunk is sent
+    yield {"delta": {"role": "assistant"}, "finish_reason": None}
+    while True:
+        for delta in calls.feed(last.token, last.text):
+            yield {"delta": delta, "finish_reason": None}
+        if last.finish_reason is not None:
+            break
+        last = next(steps)
+    for delta in calls.finish():
+        yield {"delta": delta, "finish_reason": None}
+    finish = "tool_calls" if calls.calls else last.finish_reason
+    timing = {"prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps,
+              "peak_memory_gb": last.peak_memory_gb}
+    yield {"delta": {}, "finish_reason": finish, "usage": _usage(last), "timing": timing}
+
+
 def chat(model, tokenizer, messages: list[dict], *, tools: Optional[list[dict]] = None,
-         **kwargs: Any) -> dict:
-    """One assistant turn in OpenAI message shape: {"role": "assistant", "content": ...}."""
-    text = generate(model, tokenizer, messages, tools=tools, **kwargs)
-    return {"role": "assistant", "content": text}
+         tool_choice: ToolChoice = "auto", response_format: Optional[dict] = None, **kwargs: Any) -> dict:
+    """One assistant turn in OpenAI message shape: {"role": "assistant", "content": str | None,
+    "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON}}]?}."""
+    return chat_completion(model, tokenizer, messages, tools=tools, tool_choice=tool_choice,
+                           response_format=response_format, **kwargs)["message"]
