@@ -6,8 +6,10 @@ from typing import Optional
 
 from rich.console import Console
 
+from .cache import ConversationCache
 from .errors import MistralError
 from .generate import stream_generate
+from .prompt_cache import DOCUMENT_SEPARATOR
 
 HELP = ("/reset clears the conversation, /system TEXT sets the system prompt, /quit leaves; "
         "end a line with \\ to continue on the next, or wrap a block in \"\"\".")
@@ -15,13 +17,18 @@ HELP = ("/reset clears the conversation, /system TEXT sets the system prompt, /q
 
 class ChatSession:
     def __init__(self, model, tokenizer, *, system: Optional[str] = None, sampling: Optional[dict] = None,
-                 console: Optional[Console] = None):
+                 console: Optional[Console] = None, cache: Optional[ConversationCache] = None,
+                 document: Optional[str] = None, tools: Optional[list[dict]] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
         self.sampling = sampling or {}
         self.console = console or Console(highlight=False)
         self.messages: list[dict] = []
+        # the KV of the conversation so far: each turn computes only its new tokens
+        self.cache = cache if cache is not None else ConversationCache(model)
+        self.document = document  # opens the first user message (from a prompt cache file)
+        self.tools = tools
 
     def read_message(self) -> Optional[str]:
         """One user message (possibly several lines); None at end of input."""
@@ -66,10 +73,14 @@ class ChatSession:
         return True
 
     def reply(self, user_text: str) -> None:
+        if self.document and not self.messages:
+            user_text = self.document + DOCUMENT_SEPARATOR + user_text
         messages = self.messages + [{"role": "user", "content": user_text}]
         pieces, last = [], None
+        stream = stream_generate(self.model, self.tokenizer, messages, system=self.system, tools=self.tools,
+                                 prompt_cache=self.cache, **self.sampling)
         try:
-            for last in stream_generate(self.model, self.tokenizer, messages, system=self.system, **self.sampling):
+            for last in stream:
                 pieces.append(last.text)
                 self.console.print(last.text, end="", markup=False, highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
@@ -77,12 +88,14 @@ class ChatSession:
         except MistralError as e:
             self.console.print(f"[red]error:[/] {e}")
             return
+        finally:
+            stream.close()  # now, not at garbage collection: the cache records what it holds
         self.console.print()
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
         if last is not None:
             self.console.print(
                 f"[dim]{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s "
-                f"(prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s)[/]"
+                f"(prompt {last.prompt_tokens} tokens, {last.cached_tokens} cached, {last.prompt_tps:.1f} tokens/s)[/]"
             )
 
     def run(self) -> None:
