@@ -42,13 +42,13 @@ class KVSettings:
             raise MistralError(f"kv_bits must be one of {KV_BITS} (or None for full precision), not {self.kv_bits}")
         if self.kv_group_size not in KV_GROUP_SIZES:
             raise MistralError(f"kv_group_size must be one of {KV_GROUP_SIZES}, not {self.kv_group_size}")
+        if self.max_kv_size is not None and self.kv_bits is not None:
+            # mlx-lm's RotatingKVCache has no quantized form
+            raise MistralError("a rotating cache (max_kv_size) cannot be quantized (kv_bits): choose one")
         if self.kv_bits is not None and head_dim is not None and head_dim % self.kv_group_size:
             raise MistralError(f"kv_group_size {self.kv_group_size} does not divide the head dimension {head_dim}")
         if self.max_kv_size is not None and self.max_kv_size <= KEEP:
             raise MistralError(f"max_kv_size must be more than {KEEP} tokens, not {self.max_kv_size}")
-        if self.max_kv_size is not None and self.kv_bits is not None:
-            # mlx-lm's RotatingKVCache has no quantized form
-            raise MistralError("a rotating cache (max_kv_size) cannot be quantized (kv_bits): choose one")
         return self
 
     def describe(self) -> str:
