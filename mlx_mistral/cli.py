@@ -198,7 +198,11 @@ def synth(out, preset, bits, group_size, seed, force):
 @click.option("--context", type=click.IntRange(min=0), default=None,
               help="Tokens of context to plan for (default: the model's maximum).")
 @cache_options
-def info(model, context, **kw):
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Plan for this compute dtype (default: this runtime's; a Mac computes in 16 bits).")
+@click.option("--budget-gb", type=click.FloatRange(min=0.1), default=None,
+              help="Plan for this much memory instead of this machine's budget.")
+def info(model, context, dtype, budget_gb, **kw):
     """Memory plan from config.json alone: weights, KV per token and at --context, budget."""
     from rich.console import Console
 
@@ -208,8 +212,11 @@ def info(model, context, **kw):
     config, on_disk = config_only(model)
     if context is None:
         context = config.get("max_position_embeddings", 32768)
-    p = memory.plan(config, context=context, **kv_options(kw))
+    p = memory.plan(config, context=context, dtype_bytes=memory.DTYPE_BYTES[dtype] if dtype else None,
+                    **kv_options(kw))
     budget = memory.machine_budget()
+    if budget_gb is not None:
+        budget = memory.Budget(int(budget_gb * 1e9), budget.ram, "--budget-gb")
     Console().print(memory.plan_table(p, budget, title=str(model), on_disk=on_disk))
 
 
