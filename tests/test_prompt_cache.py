@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
@@ -96,3 +98,11 @@ def test_cli_cache_prompt_then_generate(tiny_dir, tiny_q4_dir, tmp_path):
     assert cached > 100  # the document came from the file
     r = CliRunner().invoke(cli, ["generate", "-m", str(tiny_q4_dir), "-p", "When?", "-n", "2", "--prompt-cache", str(out)])
     assert r.exit_code == 1 and "made for another model" in r.output and "Traceback" not in r.output
+
+
+def test_cli_chat_reuses_the_file_and_the_conversation(tiny_dir, cache_file):
+    r = CliRunner().invoke(cli, ["chat", "-m", str(tiny_dir), "-n", "3", "--temp", "0", "--context", "4096",
+                                 "--prompt-cache", str(cache_file)], input="When?\nAnd why?\n/quit\n")
+    assert r.exit_code == 0, r.output
+    cached = [int(n) for n in re.findall(r"(\d+) cached", r.output)]
+    assert len(cached) == 2 and 100 < cached[0] < cached[1]  # the document, then the whole first turn
