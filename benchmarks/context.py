@@ -6,7 +6,7 @@ One growing context is prefilled once (by our prefill); at each length its K/V a
 NumPy (outside MLX's allocator, so they do not count in MLX's peak memory) and every
 configuration decodes from its own copy: ours (`generate_step`) and mlx-lm's (`generate_step`
 on `mlx_lm.utils.load_model` of the same folder), with a full-precision KV cache and with the
-same cache quantized to 8 bits. Both models compute in the same dtype and both stay loaded, so
+same cache quantized to 8 bits, each the best of REPEATS interleaved runs. Both models compute in the same dtype and both stay loaded, so
 peak memory includes both sets of weights; the plot shows the KV cache plus what decoding
 allocates on top. Lengths stop doubling
 when the next prefill would overrun --budget-s. Writes JSON and a PNG to
@@ -37,6 +37,7 @@ from mlx_mistral.synth import synth
 
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 DECODE = 16  # tokens timed per configuration, after one untimed token
+REPEATS = 2  # the best of these runs is kept: a shared CPU's noise only ever slows a run down
 CACHE_DIR = Path.home() / ".cache" / "mlx-mistral-bench"
 
 
@@ -116,6 +117,8 @@ def main(argv=None) -> None:
         synth(folder, args.preset, seed=0, force=True)
     dtype = compute_dtype() or mx.float16
     ours = load_model(folder, dtype=dtype)
+    if ours.args.head_dim % 64:
+        ap.error(f"the {args.preset} preset's head_dim {ours.args.head_dim} cannot hold 8-bit KV groups of 64")
     theirs = mlx_lm_load_model(folder)[0]
     theirs.set_dtype(dtype)
     mx.eval(theirs.parameters())
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
     for length in [n for n in LENGTHS if n <= args.max_context]:
         elapsed = time.perf_counter() - start
         if last_prefill_rate is not None:
-            estimate = last_prefill_rate * (length**2 - done**2) + 8 * (elapsed / max(len(rows), 1))
+            estimate = last_prefill_rate * (length**2 - done**2) + 4 * (elapsed / max(len(rows), 1))
             if elapsed + estimate > args.budget_s:
                 console.print(f"[yellow]stopping before {length}: about {estimate:.0f} s more would overrun "
                               f"the {args.budget_s:.0f} s budget[/]")
@@ -143,15 +146,23 @@ def main(argv=None) -> None:
         done = length
         parked = park(cache)
         del cache
-        for impl, model, step_fn in (("ours", ours, ours_step), ("mlx-lm", theirs, mlx_lm_step)):
-            for kv, bits in (("fp", None), ("kv8", 8)):
+        configs = [(impl, model, step_fn, kv, bits)
+                   for impl, model, step_fn in (("ours", ours, ours_step), ("mlx-lm", theirs, mlx_lm_step))
+                   for kv, bits in (("fp", None), ("kv8", 8))]
+        best = {}
+        for _ in range(REPEATS):  # interleaved, so a busy spell does not hit one configuration only
+            for impl, model, step_fn, kv, bits in configs:
                 c = unpark(parked, bits)
                 tps, peak, extra = time_decode(step_fn, model, c, int(tokens[length].item()))
-                rows.append(dict(impl=impl, kv=kv, context=length, tokens_per_s=tps, peak_gb=peak,
-                                 decode_extra_gb=extra, kv_gb=sum(x.nbytes for x in c) / 1e9))
+                kv_gb = sum(x.nbytes for x in c) / 1e9
                 del c
-                console.print(f"{length:>6} {impl:>7} {kv:>4}: {tps:7.2f} tokens/s, peak {peak:.3f} GB, "
-                              f"KV {rows[-1]['kv_gb']:.3f} GB")
+                if (impl, kv) not in best or tps > best[impl, kv]["tokens_per_s"]:
+                    best[impl, kv] = dict(impl=impl, kv=kv, context=length, tokens_per_s=tps, peak_gb=peak,
+                                          decode_extra_gb=extra, kv_gb=kv_gb)
+        for (impl, kv), row in best.items():
+            rows.append(row)
+            console.print(f"{length:>6} {impl:>7} {kv:>4}: {row['tokens_per_s']:7.2f} tokens/s, "
+                          f"peak {row['peak_gb']:.3f} GB, KV {row['kv_gb']:.3f} GB")
         cache = unpark(parked, None)
 
     results = dict(preset=args.preset, device=f"{platform.machine()} {mx.default_device()}",

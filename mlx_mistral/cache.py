@@ -10,7 +10,7 @@ only computes what differs from the previous one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from mlx_lm.models.cache import (  # noqa: F401  (re-exported for callers)
     KVCache,
@@ -143,6 +143,18 @@ class ConversationCache:
             self.reset()
             return
         self.tokens = list(sequence[:held])
+
+    def follow(self, ids: Sequence[int], steps: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        """Pass on generate_step's (token, logprobs) pairs for the prompt `ids`; however they
+        end (finished, closed early, interrupted), `record` the prompt and the tokens seen."""
+        generated: list[int] = []
+        try:
+            for token, logprobs in steps:
+                generated.append(token)
+                yield token, logprobs
+        finally:
+            steps.close()
+            self.record(list(ids) + generated)
 
     @property
     def nbytes(self) -> int:

@@ -199,7 +199,8 @@ def synth(out, preset, bits, group_size, seed, force):
               help="Tokens of context to plan for (default: the model's maximum).")
 @cache_options
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="Plan for this compute dtype (default: this runtime's; a Mac computes in 16 bits).")
+              help="Plan for this compute dtype (default: this runtime's). 16-bit plans for a GPU "
+                   "(a Mac: fused attention), float32 for MLX's CPU backend.")
 @click.option("--budget-gb", type=click.FloatRange(min=0.1), default=None,
               help="Plan for this much memory instead of this machine's budget.")
 def info(model, context, dtype, budget_gb, **kw):
@@ -213,7 +214,7 @@ def info(model, context, dtype, budget_gb, **kw):
     if context is None:
         context = config.get("max_position_embeddings", 32768)
     p = memory.plan(config, context=context, dtype_bytes=memory.DTYPE_BYTES[dtype] if dtype else None,
-                    **kv_options(kw))
+                    fused_attention=dtype in ("float16", "bfloat16") if dtype else None, **kv_options(kw))
     budget = memory.machine_budget()
     if budget_gb is not None:
         budget = memory.Budget(int(budget_gb * 1e9), budget.ram, "--budget-gb")

@@ -210,13 +210,14 @@ def stream_generate(
     prompt_tps = 0.0
     n = 0
     finish_reason = "length"
-    generated: list[int] = []
     steps = generate_step(
         mx.array(ids[cached:], dtype=mx.int32), model, max_tokens=max_tokens, sampler=sampler,
         logits_processors=processors or None,
         prompt_cache=conversation.cache if conversation is not None else prompt_cache,
         prefill_step_size=prefill_step_size, **kv,
     )
+    if conversation is not None:
+        steps = conversation.follow(ids, steps)  # records what its cache holds when the steps end
 
     def response(text, token, reason):
         elapsed = time.perf_counter() - tic
@@ -224,25 +225,20 @@ def stream_generate(
                         n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9, cached)
 
     hit_stop = False
-    try:
-        for token, _ in steps:
-            if n == 0:
-                prompt_tps = (len(ids) - cached) / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-            n += 1
-            generated.append(token)
-            if token in eos:
-                finish_reason = "stop"
-                break
-            text, hit_stop = stops.feed(detok.add_token(token))
-            yield response(text, token, None)
-            if hit_stop:
-                finish_reason = "stop"
-                break
-    finally:  # also when the caller stops early: the conversation must know what its cache holds
-        steps.close()
-        if conversation is not None:
-            conversation.record(ids + generated)
+    for token, _ in steps:
+        if n == 0:
+            prompt_tps = (len(ids) - cached) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        n += 1
+        if token in eos:
+            finish_reason = "stop"
+            break
+        text, hit_stop = stops.feed(detok.add_token(token))
+        yield response(text, token, None)
+        if hit_stop:
+            finish_reason = "stop"
+            break
+    steps.close()
     tail = ""
     if not hit_stop:
         tail, hit_stop = stops.feed(detok.finalize())

@@ -116,11 +116,14 @@ class Plan:
 
 
 def plan(config: dict, *, context: int = 0, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-         max_kv_size: Optional[int] = None, dtype_bytes: Optional[int] = None) -> Plan:
-    """The plan for a folder's config.json dict; `dtype_bytes` defaults to this runtime's."""
+         max_kv_size: Optional[int] = None, dtype_bytes: Optional[int] = None,
+         fused_attention: Optional[bool] = None) -> Plan:
+    """The plan for a folder's config.json dict; `dtype_bytes` and `fused_attention` default
+    to this runtime's."""
     args = ModelArgs.from_dict(config)
     kv = KVSettings(kv_bits, kv_group_size, max_kv_size).check(args.head_dim)
-    return Plan(args, context, kv, dtype_bytes or runtime_dtype_bytes(config), gpu_backend())
+    fused = gpu_backend() if fused_attention is None else fused_attention
+    return Plan(args, context, kv, dtype_bytes or runtime_dtype_bytes(config), fused)
 
 
 @dataclass
