@@ -9,8 +9,10 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.syntax import Syntax
 
+from .cache import ConversationCache
 from .errors import MistralError
 from .generate import stream_chat_completion
+from .prompt_cache import DOCUMENT_SEPARATOR
 
 HELP = ("/reset clears the conversation, /system TEXT sets the system prompt, /quit leaves; "
         "end a line with \\ to continue on the next, or wrap a block in \"\"\".")
@@ -20,7 +22,8 @@ TOOLS_HELP = "/result JSON answers the oldest unanswered tool call (shown in a p
 class ChatSession:
     def __init__(self, model, tokenizer, *, system: Optional[str] = None, sampling: Optional[dict] = None,
                  console: Optional[Console] = None, tools: Optional[list[dict]] = None,
-                 tool_choice="auto", response_format: Optional[dict] = None):
+                 tool_choice="auto", response_format: Optional[dict] = None,
+                 cache: Optional[ConversationCache] = None, document: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -31,6 +34,9 @@ class ChatSession:
         self.tool_choice = tool_choice
         self.response_format = response_format
         self.pending: list[str] = []  # ids of tool calls still waiting for /result
+        # the KV of the conversation so far: each turn computes only its new tokens
+        self.cache = cache if cache is not None else ConversationCache(model)
+        self.document = document  # opens the first user message (from a prompt cache file)
 
     def read_message(self) -> Optional[str]:
         """One user message (possibly several lines); None at end of input."""
@@ -103,6 +109,8 @@ class ChatSession:
         if self.pending:
             self.console.print("[dim]tool calls are still open: answer them with /result JSON first[/]")
             return
+        if self.document and not self.messages:
+            user_text = self.document + DOCUMENT_SEPARATOR + user_text
         self.respond(self.messages + [{"role": "user", "content": user_text}])
 
     def respond(self, messages: list[dict], tool_choice=None) -> None:
@@ -110,11 +118,12 @@ class ChatSession:
         if self.system and (not messages or messages[0].get("role") != "system"):
             messages = [{"role": "system", "content": self.system}] + messages
         pieces, calls, last = [], {}, None
+        stream = stream_chat_completion(
+            self.model, self.tokenizer, messages, tools=self.tools, response_format=self.response_format,
+            tool_choice=tool_choice or self.tool_choice, prompt_cache=self.cache, **self.sampling,
+        )
         try:
-            for last in stream_chat_completion(
-                self.model, self.tokenizer, messages, tools=self.tools, response_format=self.response_format,
-                tool_choice=tool_choice or self.tool_choice, **self.sampling,
-            ):
+            for last in stream:
                 delta = last["delta"]
                 if delta.get("content"):
                     pieces.append(delta["content"])
@@ -130,6 +139,8 @@ class ChatSession:
         except MistralError as e:
             self.console.print(f"[red]error:[/] {e}")
             return
+        finally:
+            stream.close()  # now, not at garbage collection: the cache records what it holds
         if pieces:
             self.console.print()
         text = "".join(pieces)
@@ -146,7 +157,8 @@ class ChatSession:
             usage, timing = last["usage"], last["timing"]
             self.console.print(
                 f"[dim]{usage['completion_tokens']} tokens, {timing['generation_tps']:.1f} tokens/s "
-                f"(prompt {usage['prompt_tokens']} tokens, {timing['prompt_tps']:.1f} tokens/s)[/]")
+                f"(prompt {usage['prompt_tokens']} tokens, {usage['prompt_tokens_details']['cached_tokens']} cached, "
+                f"{timing['prompt_tps']:.1f} tokens/s)[/]")
 
     def run(self) -> None:
         self.console.print(f"[dim]{HELP} {TOOLS_HELP if self.tools else ''}[/]")

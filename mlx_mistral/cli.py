@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Optional
 
@@ -61,6 +62,33 @@ def structured_options(f):
     return f
 
 
+def cache_options(f):
+    """KV-cache flags shared by generate, chat, bench and serve (read them with `kv_options`)."""
+    options = [
+        click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+                     help="Store the KV cache quantized to this many bits (default: full precision)."),
+        click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                     help="Group size of the quantized KV cache."),
+        click.option("--max-kv-size", type=click.IntRange(min=16), default=None,
+                     help="Bound the KV cache to this many tokens (rotating: keeps the first 4 and the "
+                          "latest); off by default."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def kv_options(kw: dict) -> dict:
+    """Pops the `cache_options` values out of a command's kwargs as make_cache keywords."""
+    bits, group, size = kw.pop("kv_bits"), kw.pop("kv_group_size"), kw.pop("max_kv_size")
+    return dict(kv_bits=int(bits) if bits else None, kv_group_size=int(group), max_kv_size=size)
+
+
+def prompt_cache_option(f):
+    return click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None,
+                        help="Start from a prompt cache written by `mlx-mistral cache-prompt`.")(f)
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     out = {k: kw[k] for k in keys}
@@ -80,11 +108,12 @@ def cli():
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
 @structured_options
+@cache_options
+@prompt_cache_option
 @click.option("--verbose", "-v", is_flag=True, help="Print tokens/s and peak memory.")
-def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, **kw):
+def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, prompt_cache_file, **kw):
     """Generate a reply to one prompt, streamed to stdout (tool calls as a JSON list)."""
     from .generate import stream_generate
-    from .load import load
 
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -93,12 +122,20 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, **
     if not prompt.strip():
         raise MistralError("the prompt is empty")
     structured = _structured(tools, tool_choice, json_schema)
-    m, tokenizer = load(model)
+    kv = kv_options(kw)
+    # bytes bound the token count from above: enough for the memory check before loading
+    context = len(prompt.encode()) + len((system or "").encode()) + kw["max_tokens"] + 64
+    m, tokenizer, cached = _load_with_prompt_cache(model, prompt_cache_file, context, kv)
+    request, extra = prompt, kv
+    if cached:
+        cached.system = system or cached.system
+        request, extra = cached.messages(prompt), dict(kv, prompt_cache=cached.conversation, tools=cached.tools)
     if structured:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return _generate_structured(m, tokenizer, messages, structured, _sampling(kw), verbose)
+        if not cached:
+            request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return _generate_structured(m, tokenizer, request, {**extra, **structured}, _sampling(kw), verbose)
     last = None
-    for last in stream_generate(m, tokenizer, prompt, system=system, **_sampling(kw)):
+    for last in stream_generate(m, tokenizer, request, system=system, **extra, **_sampling(kw)):
         click.echo(last.text, nl=False)
     click.echo()
     if verbose and last is not None:
@@ -108,9 +145,21 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, **
         click.echo(runtime_summary(), err=True)
 
 
+def _load_with_prompt_cache(model: str, prompt_cache_file: Optional[str], context: int, kv: dict):
+    """(model, tokenizer, PromptCacheFile or None); the memory check counts the cached prefix."""
+    from .load import load
+    from .prompt_cache import load_prompt_cache_file, peek_prompt_cache
+
+    if not prompt_cache_file:
+        return (*load(model, context=context, **kv), None)
+    prefix = len(json.loads(peek_prompt_cache(prompt_cache_file)["tokens"]))
+    m, tokenizer = load(model, context=context + prefix, **kv)
+    return m, tokenizer, load_prompt_cache_file(prompt_cache_file, m, **kv)
+
+
 def _report(r, err: bool = False) -> None:
     click.echo(
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.2f} tokens/s | "
+        f"prompt: {r.prompt_tokens} tokens ({r.cached_tokens} cached), {r.prompt_tps:.2f} tokens/s | "
         f"decode: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens/s | "
         f"peak memory: {r.peak_memory_gb:.2f} GB",
         err=err,
@@ -122,14 +171,26 @@ def _report(r, err: bool = False) -> None:
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
 @structured_options
-def chat(model, system, tools, tool_choice, json_schema, **kw):
+@cache_options
+@prompt_cache_option
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Longest conversation to plan memory for (default: the model's maximum).")
+def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, context, **kw):
     """Interactive chat. /reset, /system TEXT, /result JSON, /quit; end a line with \\ to continue it."""
+    from .cache import ConversationCache
     from .chat_repl import ChatSession
-    from .load import load
+    from .load import read_config, resolve
 
     structured = _structured(tools, tool_choice, json_schema)
-    m, tokenizer = load(model)
-    ChatSession(m, tokenizer, system=system, sampling=_sampling(kw), **structured).run()
+    kv = kv_options(kw)
+    if context is None:
+        context = read_config(resolve(model)).get("max_position_embeddings", 32768)
+    m, tokenizer, cached = _load_with_prompt_cache(model, prompt_cache_file, context, kv)
+    conversation = cached.conversation if cached else ConversationCache(m, **kv)
+    if cached and cached.tools and "tools" not in structured:
+        structured["tools"] = cached.tools
+    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling=_sampling(kw),
+                cache=conversation, document=cached.document if cached else None, **structured).run()
 
 
 @cli.command()
@@ -243,6 +304,61 @@ def _generate_structured(model, tokenizer, messages, structured: dict, sampling:
                    f"{timing['prompt_tps']:.2f} tokens/s | decode: {usage['completion_tokens']} tokens, "
                    f"{timing['generation_tps']:.2f} tokens/s | peak memory: {timing['peak_memory_gb']:.2f} GB",
                    err=True)
+
+
+@cli.command()
+@model_option
+@click.option("--context", type=click.IntRange(min=0), default=None,
+              help="Tokens of context to plan for (default: the model's maximum).")
+@cache_options
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Plan for this compute dtype (default: this runtime's). 16-bit plans for a GPU "
+                   "(a Mac: fused attention), float32 for MLX's CPU backend.")
+@click.option("--budget-gb", type=click.FloatRange(min=0.1), default=None,
+              help="Plan for this much memory instead of this machine's budget.")
+def info(model, context, dtype, budget_gb, **kw):
+    """Memory plan from config.json alone: weights, KV per token and at --context, budget."""
+    from rich.console import Console
+
+    from . import memory
+    from .load import config_only
+
+    config, on_disk = config_only(model)
+    if context is None:
+        context = config.get("max_position_embeddings", 32768)
+    p = memory.plan(config, context=context, dtype_bytes=memory.DTYPE_BYTES[dtype] if dtype else None,
+                    fused_attention=dtype in ("float16", "bfloat16") if dtype else None, **kv_options(kw))
+    budget = memory.machine_budget()
+    if budget_gb is not None:
+        budget = memory.Budget(int(budget_gb * 1e9), budget.ram, "--budget-gb")
+    Console().print(memory.plan_table(p, budget, title=str(model), on_disk=on_disk))
+
+
+@cli.command("cache-prompt")
+@model_option
+@click.option("--system", default=None, help="System prompt to cache.")
+@click.option("--prompt-file", type=click.File("r"), default=None,
+              help="A document every request starts with (its text opens the first user message).")
+@click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the cached KV.")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.argument("out", type=click.Path(dir_okay=False))
+def cache_prompt_command(model, system, prompt_file, kv_bits, kv_group_size, out):
+    """Save the KV of a fixed prefix (system prompt, document) to OUT for --prompt-cache."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .load import load
+    from .prompt_cache import cache_prompt
+
+    document = prompt_file.read() if prompt_file else None
+    kv = dict(kv_bits=int(kv_bits) if kv_bits else None, kv_group_size=int(kv_group_size))
+    context = len((system or "").encode()) + len((document or "").encode()) + 64
+    m, tokenizer = load(model, context=context, **kv)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("prefilling the prefix", total=None)
+        path = cache_prompt(m, tokenizer, out, system=system, document=document, **kv,
+                            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    click.echo(f"wrote the prompt cache to {path}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Generator, Iterable, Optional, Union
 
 import mlx.core as mx
 
-from .cache import make_cache
+from .cache import ConversationCache, KVSettings, make_cache
 from .constrain import Limits, ToolChoice, make_processor
 from .errors import MistralError
 from .sampling import LogitsProcessor, Sampler, processors_from, sampler_from
@@ -45,15 +45,21 @@ def generate_step(
     prompt_cache: Optional[list] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     progress: Optional[Callable[[int, int], None]] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    max_kv_size: Optional[int] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, log-probabilities) pairs; the next step is queued before each yield.
 
     `prompt` holds the ids not yet in `prompt_cache` (all of them for a fresh cache); it must
-    hold at least one id, whose logits give the first token.
+    hold at least one id, whose logits give the first token. Without `prompt_cache`, a cache
+    is made with the kv options (see `cache.make_cache`).
     """
     if prompt.size == 0:
         raise MistralError("the prompt is empty: nothing to continue from")
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    if prompt_cache is None:
+        prompt_cache = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size)
+    cache = prompt_cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     history = [prompt]  # ids the logits processors look back over
 
@@ -97,6 +103,7 @@ class Response:
     generation_tokens: int
     generation_tps: float
     peak_memory_gb: float
+    cached_tokens: int = 0  # prompt ids whose K/V came from a ConversationCache
 
 
 def encode_prompt(tokenizer, prompt: Prompt, *, system: Optional[str] = None,
@@ -169,10 +176,13 @@ def stream_generate(
     response_format: Optional[dict] = None,
     parallel_tool_calls: bool = True,
     limits: Optional[Limits] = None,
-    prompt_cache: Optional[list] = None,
+    prompt_cache: Optional[Union[list, ConversationCache]] = None,
     logits_processors: Optional[list[LogitsProcessor]] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     ignore_eos: bool = False,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    max_kv_size: Optional[int] = None,
 ) -> Generator[Response, None, None]:
     """Stream a reply as `Response`s; the last one carries `finish_reason`.
 
@@ -182,6 +192,11 @@ def stream_generate(
     {"schema": ...}}) constrain the reply with a grammar, so a tool call or JSON reply is
     always well-formed and valid (within `limits`, the bounds put on values a schema leaves
     unbounded); `chat_completion` turns the ids into tool calls.
+
+    `prompt_cache` is a per-layer cache list (used as is) or a `ConversationCache`, which
+    computes only the ids after its longest common prefix with this prompt and then holds the
+    new sequence (`Response.cached_tokens` says how many prompt ids it reused). The kv options
+    shape a fresh cache; a given ConversationCache must have been made with the same ones.
     """
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         validate_request(list(prompt), tools)
@@ -204,6 +219,12 @@ def stream_generate(
     stops = _StopMatcher([stop] if isinstance(stop, str) else (stop or []))
     detok = tokenizer.detokenizer()
     eos = set() if ignore_eos else tokenizer.eos_token_ids
+    kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, max_kv_size=max_kv_size)
+    conversation = prompt_cache if isinstance(prompt_cache, ConversationCache) else None
+    if conversation is not None and (kv_bits or max_kv_size) and KVSettings(**kv) != conversation.settings:
+        raise MistralError(f"the prompt cache holds {conversation.settings.describe()}, "
+                           f"not the {KVSettings(**kv).describe()} asked for")
+    cached = conversation.reuse(ids) if conversation is not None else 0
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -211,20 +232,23 @@ def stream_generate(
     n = 0
     finish_reason = "length"
     steps = generate_step(
-        mx.array(ids, dtype=mx.int32), model, max_tokens=max_tokens, sampler=sampler,
-        logits_processors=processors or None, prompt_cache=prompt_cache,
-        prefill_step_size=prefill_step_size,
+        mx.array(ids[cached:], dtype=mx.int32), model, max_tokens=max_tokens, sampler=sampler,
+        logits_processors=processors or None,
+        prompt_cache=conversation.cache if conversation is not None else prompt_cache,
+        prefill_step_size=prefill_step_size, **kv,
     )
+    if conversation is not None:
+        steps = conversation.follow(ids, steps)  # records what its cache holds when the steps end
 
     def response(text, token, reason):
         elapsed = time.perf_counter() - tic
         return Response(text, token, reason, len(ids), prompt_tps, n,
-                        n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9)
+                        n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9, cached)
 
     hit_stop = False
     for token, _ in steps:
         if n == 0:
-            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            prompt_tps = (len(ids) - cached) / (time.perf_counter() - tic)
             tic = time.perf_counter()
         n += 1
         if token in eos:
@@ -262,7 +286,8 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
 
 def _usage(last: Optional[Response]) -> dict:
     prompt, completion = (last.prompt_tokens, last.generation_tokens) if last else (0, 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last else 0}}
 
 
 def chat_completion(model, tokenizer, messages: list[dict], **kwargs: Any) -> dict:
@@ -287,14 +312,17 @@ def stream_chat_completion(model, tokenizer, messages: list[dict],
     "timing": {"prompt_tps", "generation_tps", "peak_memory_gb"}}."""
     calls = ToolCallStream(call_marker(tokenizer))
     steps = stream_generate(model, tokenizer, messages, **kwargs)
-    last = next(steps)  # a bad request raises here, before any chunk is sent
-    yield {"delta": {"role": "assistant"}, "finish_reason": None}
-    while True:
-        for delta in calls.feed(last.token, last.text):
-            yield {"delta": delta, "finish_reason": None}
-        if last.finish_reason is not None:
-            break
-        last = next(steps)
+    try:
+        last = next(steps)  # a bad request raises here, before any chunk is sent
+        yield {"delta": {"role": "assistant"}, "finish_reason": None}
+        while True:
+            for delta in calls.feed(last.token, last.text):
+                yield {"delta": delta, "finish_reason": None}
+            if last.finish_reason is not None:
+                break
+            last = next(steps)
+    finally:
+        steps.close()  # at once, also when the consumer stops early: a prompt cache records its state
     for delta in calls.finish():
         yield {"delta": delta, "finish_reason": None}
     finish = "tool_calls" if calls.calls else last.finish_reason

@@ -88,6 +88,23 @@ def read_config(folder: Path) -> dict:
         raise MistralError(f"cannot read {folder / 'config.json'}: {e}") from e
 
 
+def config_only(path_or_hub_id: str | Path) -> tuple[dict, Optional[int]]:
+    """A model's config.json without its weights (one small download for a hub id), and the
+    bytes of its weight files where they are at hand."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return read_config(path), sum(f.stat().st_size for f in path.glob("model*.safetensors")) or None
+    if path.exists() or not _HUB_ID.match(str(path_or_hub_id)):
+        resolve(path_or_hub_id)  # raises the right error
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return read_config(Path(hf_hub_download(str(path_or_hub_id), "config.json")).parent), None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise MistralError(f"cannot download the config of {path_or_hub_id}: {str(e).splitlines()[0]}") from e
+
+
 def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
@@ -149,9 +166,21 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
     return model
 
 
-def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
-    """`(model, tokenizer)` from a model folder or a hub id."""
+def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+         context: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+         max_kv_size: Optional[int] = None):
+    """`(model, tokenizer)` from a model folder or a hub id.
+
+    Refuses up front (MistralError with the numbers) when the weights, plus the KV cache of
+    `context` tokens with the kv options, do not fit this machine's memory (see memory.py)."""
+    from . import memory
+
     folder = resolve(path_or_hub_id)
-    read_config(folder), weight_files(folder)  # fail on a broken folder before the slow parts
+    config = read_config(folder)
+    weight_files(folder)  # fail on a broken folder before the slow parts
+    p = memory.plan(config, context=context or 0, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                    max_kv_size=max_kv_size, dtype_bytes=dtype.size if dtype is not None else None)
+    memory.check_fits(p, memory.machine_budget(), name=str(path_or_hub_id))
+    memory.raise_wired_limit()
     tokenizer = load_tokenizer(folder)
     return load_model(folder, dtype=dtype, lazy=lazy), tokenizer
