@@ -63,6 +63,11 @@ def summarize(records: list[dict], wall_s: float) -> dict:
     }
 
 
+def progress_bar() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
 # -- baseline: the Python API, one request at a time ----------------------------------------------
 
 def run_direct(model_path: Path, messages: list[list[dict]], max_tokens: int) -> dict:
@@ -73,16 +78,20 @@ def run_direct(model_path: Path, messages: list[list[dict]], max_tokens: int) ->
     for _ in stream_generate(model, tokenizer, messages[0], **stream_generate_kw):  # warm-up
         pass
     records = []
-    start = time.perf_counter()
-    for m in messages:
-        tic = time.perf_counter()
-        first = None
-        for r in stream_generate(model, tokenizer, m, **stream_generate_kw):
-            if first is None and r.token is not None:
-                first = time.perf_counter() - tic
-        records.append({"ttft_s": first, "e2e_s": time.perf_counter() - tic,
-                        "completion_tokens": r.generation_tokens})
-    return summarize(records, time.perf_counter() - start)
+    with progress_bar() as progress:
+        task = progress.add_task(f"{len(messages)} requests, one at a time", total=len(messages))
+        start = time.perf_counter()
+        for m in messages:
+            tic = time.perf_counter()
+            first = None
+            for r in stream_generate(model, tokenizer, m, **stream_generate_kw):
+                if first is None and r.token is not None:
+                    first = time.perf_counter() - tic
+            records.append({"ttft_s": first, "e2e_s": time.perf_counter() - tic,
+                            "completion_tokens": r.generation_tokens})
+            progress.advance(task)
+        wall = time.perf_counter() - start
+    return summarize(records, wall)
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -130,8 +139,7 @@ async def run_load(url: str, messages: list[list[dict]], concurrency: int, max_t
         await one_request(client, url, messages[0], max_tokens)  # warm-up
         pending = list(messages)
         records = []
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
+        with progress_bar() as progress:
             task = progress.add_task(f"{len(messages)} requests, {concurrency} at a time", total=len(messages))
 
             async def client_loop():
