@@ -19,7 +19,8 @@ Prompt = Union[str, list[int], list[dict]]
 # Prefill chunk: bounds the (heads x chunk x context) attention scores held at once.
 DEFAULT_PREFILL_STEP = 2048
 
-generation_stream = mx.new_stream(mx.default_device())
+# thread-local: the server runs generation in a worker thread, and MLX streams belong to one thread
+generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 
 def prefill(model, tokens: mx.array, cache: list, step_size: int = DEFAULT_PREFILL_STEP,

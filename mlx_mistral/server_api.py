@@ -1,0 +1,212 @@
+"""The OpenAI request shapes the server accepts, validated before anything is queued.
+
+Pydantic models give FastAPI both the validation and the OpenAPI spec clients (and fuzzers)
+read. Deeper chat rules (role order, tool results matching calls) are mistral-common's: the
+server turns its refusals into the same 400 error body.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Mistral's tool and schema names; the chat format rejects anything else.
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_STOPS = 4  # as OpenAI
+
+
+class OpenAIError(Exception):
+    """A request the server refuses, sent back as {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None,
+                 code: Optional[str] = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def check_json_schema(schema: dict) -> dict:
+    """Raises ValueError (a 400 through pydantic) unless `schema` is a valid JSON Schema."""
+    from jsonschema import SchemaError, validators
+
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as e:
+        raise ValueError(f"invalid JSON schema: {e.message}") from None
+    return schema
+
+
+class _Model(BaseModel):
+    # OpenAI clients send fields this server has no use for (user, metadata, logit_bias...)
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    def to_openai(self) -> dict:
+        """The plain dict mistral-common's `from_openai` reads."""
+        out = self.model_dump(exclude_none=True)
+        if out["role"] == "developer":  # OpenAI's newer name for the system role
+            out["role"] = "system"
+        if out["role"] in ("user", "system", "tool") and "content" not in out:
+            out["content"] = ""
+        return out
+
+
+# -- tools and output formats -----------------------------------------------------------------
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: Optional[str] = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: Optional[bool] = None
+
+    _schema = field_validator("parameters")(check_json_schema)
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolName(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: ToolName
+
+
+class JsonSchemaFormat(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: Optional[str] = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = None
+
+    _schema = field_validator("schema_")(check_json_schema)
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+class SamplingRequest(_Model):
+    """What both endpoints share: the model, sampling, length and streaming."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        return [s for s in stops if s]
+
+    @property
+    def length_limit(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+
+    @model_validator(mode="after")
+    def _tool_choice_matches_tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice in ("required",) and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        return self
+
+    def prompt_tools(self) -> Optional[list[dict]]:
+        """Tool definitions for the prompt; none when the client forbids calling them."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[str], list[int]] = Field(
+        description="Text to continue (or one-element list of text, or token ids)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt is empty")
+        if isinstance(v, list) and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return v[0]
+        return v
+
+
+def error_location(loc: tuple) -> Optional[str]:
+    """pydantic's error location as OpenAI's `param` ("messages.0.role")."""
+    parts = [str(p) for p in loc if p != "body"]
+    # the union branch pydantic tried ("str", "list[TextPart]") is noise to a client
+    parts = [p for p in parts if not re.match(r"^(str|int|list\[.*\]|function-after\[.*|[A-Z]\w*)$", p)]
+    return ".".join(parts) or None

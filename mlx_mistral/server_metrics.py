@@ -1,0 +1,37 @@
+"""Prometheus metrics of the server, in a registry of its own (one per app, so several apps in
+one process, as in tests, do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# seconds: from a few ms (tiny models, warm prefix) to minutes (long prompts queued behind others)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mlx_mistral_requests", "HTTP requests by path and status code",
+                                ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("mlx_mistral_prompt_tokens", "Prompt tokens of served requests",
+                                     registry=r)
+        self.cached_tokens = Counter("mlx_mistral_cached_prompt_tokens",
+                                     "Prompt tokens whose KV was reused from the previous request", registry=r)
+        self.completion_tokens = Counter("mlx_mistral_completion_tokens", "Tokens generated", registry=r)
+        self.cancelled = Counter("mlx_mistral_requests_cancelled",
+                                 "Generations stopped because the client went away", registry=r)
+        self.ttft = Histogram("mlx_mistral_time_to_first_token_seconds",
+                              "From queueing a request to its first generated token", buckets=TTFT_BUCKETS,
+                              registry=r)
+        self.decode_tps = Histogram("mlx_mistral_decode_tokens_per_second",
+                                    "Decode speed of each request after its first token", buckets=TPS_BUCKETS,
+                                    registry=r)
+        self.queue_depth = Gauge("mlx_mistral_queue_depth", "Requests waiting for the model", registry=r)
+        self.running = Gauge("mlx_mistral_requests_running", "Requests being generated (0 or 1)", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

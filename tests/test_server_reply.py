@@ -1,0 +1,203 @@
+"""Reply shaping (content / tool calls) and prefix reuse of the server, piece by piece and end to end."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import mlx.core as mx
+import httpx
+import pytest
+from live_server import LiveServer
+from mlx_lm.models.cache import KVCache
+
+from mlx_mistral.server import create_app
+from mlx_mistral.server_engine import PrefixCache
+from mlx_mistral.server_reply import ReplyAssembler, parse_tool_calls
+
+TOOL_CALLS = 9
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+def test_tool_call_list_becomes_openai_tool_calls():
+    calls = parse_tool_calls('[{"name": "f", "arguments": {"x": 1}, "id": "abcDEF123"}, {"name": "g", "arguments": {}}]')
+    assert [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
+    assert calls[0]["id"] == "abcDEF123" and len(calls[1]["id"]) == 9 and calls[1]["id"].isalnum()
+    assert all(c["type"] == "function" for c in calls)
+
+
+@pytest.mark.parametrize("text", ['[{"name": "f", "argu', "[]", '[{"arguments": {}}]', '"f"', "not json"])
+def test_text_that_is_not_a_call_list_is_refused(text):
+    assert parse_tool_calls(text) is None
+
+
+def test_assembler_splits_content_from_calls_on_the_token():
+    reply = ReplyAssembler(TOOL_CALLS)
+    streamed = [reply.feed("Let me check. ", 100), reply.feed("", TOOL_CALLS),
+                reply.feed('[{"name": "f", ', 101), reply.feed('"arguments": {"q": "a"}}]', 102), reply.feed("", None)]
+    assert streamed == ["Let me check. ", "", "", "", ""]
+    done = reply.finish("stop")
+    assert done.finish_reason == "tool_calls" and done.content == "Let me check. " and done.unsent == ""
+    assert done.message()["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"q": "a"}'}
+
+
+def test_assembler_gives_back_a_cut_off_call_as_text():
+    reply = ReplyAssembler(TOOL_CALLS)
+    reply.feed("", TOOL_CALLS)
+    reply.feed('[{"name": "f", "argu', 101)
+    done = reply.finish("length")
+    assert (done.content, done.tool_calls, done.finish_reason) == ('[{"name": "f", "argu', None, "length")
+    assert done.unsent == '[{"name": "f", "argu' and "tool_calls" not in done.message()
+
+
+def test_plain_reply_and_tokenizers_without_tool_calls():
+    reply = ReplyAssembler(None)
+    for piece in ("Hello", " world"):
+        assert reply.feed(piece, 5) == piece
+    assert reply.finish("length").message() == {"role": "assistant", "content": "Hello world"}
+
+
+# -- prefix cache -----------------------------------------------------------------------------------
+
+class OneLayer:
+    layers = [None]
+
+    def make_cache(self):
+        return [KVCache()]
+
+
+def fill(cache, n):
+    cache[0].update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
+
+
+def test_prefix_cache_trims_to_the_common_prefix():
+    prefix = PrefixCache(OneLayer())
+    cache, n = prefix.take([1, 2, 3, 4])
+    assert n == 0 and cache[0].offset == 0
+    fill(cache, 6)
+    prefix.store([1, 2, 3, 4, 5, 6], cache)
+    cache, n = prefix.take([1, 2, 3, 9, 9])
+    assert n == 3 and cache[0].offset == 3  # the diverging tail was trimmed off
+    fill(cache, 2)
+    prefix.store([1, 2, 3, 9, 9], cache)
+    cache, n = prefix.take([1, 2, 3, 9, 9])  # the same prompt again: its last id must still run
+    assert n == 4 and cache[0].offset == 4
+
+
+def test_prefix_cache_drops_the_unseen_end_of_sequence_and_is_exclusive():
+    prefix = PrefixCache(OneLayer())
+    cache, _ = prefix.take([1, 2])
+    fill(cache, 3)  # the end-of-sequence id went in but never came out of the generator
+    prefix.store([1, 2], cache)
+    assert prefix.ids == [1, 2] and cache[0].offset == 2
+    taken, n = prefix.take([1, 2, 7])
+    assert n == 2 and taken is cache
+    assert prefix.take([1, 2, 7])[1] == 0  # handed out: nobody else gets it meanwhile
+    off = PrefixCache(OneLayer(), enabled=False)
+    c, _ = off.take([1, 2])
+    fill(c, 2)
+    off.store([1, 2], c)
+    assert off.take([1, 2, 3])[1] == 0
+
+
+# -- tool calls end to end, with a model that follows a script --------------------------------------
+
+class ScriptedModel:
+    """Answers a user turn with `on_user` and a tool result with `on_result` (token ids), then
+    `</s>`, whatever else the prompt says: it drives the server through replies a random model
+    never produces."""
+
+    def __init__(self, tokenizer, on_user: list[int], on_result: list[int]):
+        self.tok = tokenizer
+        self.replies = {tokenizer.tekken.get_special_token("[/INST]"): on_user,
+                        tokenizer.tekken.get_special_token("[/TOOL_RESULTS]"): on_result}
+        self.eos = tokenizer.tekken.eos_id
+        self.args = SimpleNamespace(max_position_embeddings=4096)
+        self.layers = [None]
+
+    def make_cache(self):
+        return [KVCache()]
+
+    def __call__(self, tokens, cache):
+        layer = cache[0]
+        history = getattr(layer, "history", [])[: layer.offset] + tokens[0].tolist()
+        layer.history = history
+        layer.update_and_fetch(mx.zeros((1, 1, tokens.shape[1], 1)), mx.zeros((1, 1, tokens.shape[1], 1)))
+        ends = [i for i, t in enumerate(history) if t in self.replies]
+        if not ends:  # prefill of the prompt's start: these logits are never read
+            return mx.zeros((1, tokens.shape[1], self.tok.vocab_size))
+        turn_end = ends[-1]
+        reply = self.replies[history[turn_end]] + [self.eos]
+        step = len(history) - turn_end - 1
+        next_id = reply[min(step, len(reply) - 1)]
+        row = mx.where(mx.arange(self.tok.vocab_size) == next_id, 30.0, 0.0)
+        return mx.broadcast_to(row, (1, tokens.shape[1], self.tok.vocab_size))
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def scripted(tekken):
+    call = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    model = ScriptedModel(tekken, [TOOL_CALLS] + tekken.encode(call, bos=False),
+                          tekken.encode("It is sunny in Paris.", bos=False))
+    with LiveServer(create_app(model, tekken, model_id="scripted")) as server:
+        yield server
+
+
+def test_tool_call_round_trip_with_the_openai_client(scripted):
+    client = scripted.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER],
+                                       tool_choice="required", max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'}]
+    r2 = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER], max_tokens=64)
+    assert r2.choices[0].message.content == "It is sunny in Paris."
+    assert r2.choices[0].finish_reason == "stop"
+    assert r2.usage.prompt_tokens_details.cached_tokens > 0  # the call turn's KV was kept
+
+
+def test_streamed_tool_call(scripted):
+    stream = scripted.client().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], max_tokens=64,
+        stream=True)
+    chunks = [c for c in stream if c.choices]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert not "".join(d.content or "" for d in deltas)  # the call text is not streamed as content
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and len(calls[0].id) == 9
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+class BreaksOnce(ScriptedModel):
+    """Raises on its first call, as a model running out of memory would."""
+
+    broken = False
+
+    def __call__(self, tokens, cache):
+        if not self.broken:
+            self.broken = True
+            raise RuntimeError("out of memory")
+        return super().__call__(tokens, cache)
+
+
+def test_a_failed_generation_is_a_server_error_and_the_worker_survives(tekken):
+    model = BreaksOnce(tekken, tekken.encode("fine", bos=False), [])
+    with LiveServer(create_app(model, tekken, model_id="m")) as server:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "out of memory" in r.json()["error"]["message"]
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
