@@ -104,8 +104,10 @@ def quantize_like_folder(model: Model, quantization: dict, weights: dict) -> Non
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
-def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
-    """The model of a local folder. `dtype` overrides the compute dtype policy."""
+def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+               fuse: bool = True) -> Model:
+    """The model of a local folder. `dtype` overrides the compute dtype policy; `fuse=False`
+    keeps q/k/v and gate/up as separate matrices (the layout mlx-lm runs)."""
     folder = Path(path)
     args = ModelArgs.from_dict(read_config(folder))
     model = Model(args)
@@ -116,18 +118,22 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MistralError(f"weights in {folder} do not match config.json: {str(e).splitlines()[0]}") from e
+    del weights  # the model holds them now; fusing replaces them, and nothing else may keep them
     dtype = dtype or compute_dtype()
     if dtype is not None:
         model.set_dtype(dtype)  # floating parameters only; packed 4-bit weights stay uint32
+    if fuse:
+        model.fuse()
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
 
 
-def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False):
+def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+         fuse: bool = True):
     """`(model, tokenizer)` from a model folder or a hub id."""
     folder = resolve(path_or_hub_id)
     read_config(folder), weight_files(folder)  # fail on a broken folder before the slow parts
     tokenizer = load_tokenizer(folder)
-    return load_model(folder, dtype=dtype, lazy=lazy), tokenizer
+    return load_model(folder, dtype=dtype, lazy=lazy, fuse=fuse), tokenizer
