@@ -31,10 +31,11 @@ def compute_dtype() -> Optional[mx.Dtype]:
 def runtime_summary() -> str:
     """Where the numbers come from, for --verbose."""
     from . import _blas
+    from .kernels import dispatch
 
     dtype = compute_dtype()
     return (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
-            f"BLAS: {_blas.describe()}")
+            f"BLAS: {_blas.describe()}, kernels: {dispatch.describe()}")
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:

@@ -54,6 +54,8 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """q/k/v into one matrix when they share a format; quantized layers to the dispatcher."""
+        if self.qkv_proj is not None:
+            return
         qkv = concat_linears([self.q_proj, self.k_proj, self.v_proj])
         if qkv is not None:
             kv = self.n_kv_heads * self.head_dim
@@ -79,6 +81,8 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """gate/up into one matrix when they share a format; quantized layers to the dispatcher."""
+        if self.gate_up_proj is not None:
+            return
         gate_up = concat_linears([self.gate_proj, self.up_proj])
         if gate_up is not None:
             self.gate_up_proj = FusedGateUp(gate_up)

@@ -93,7 +93,7 @@ def test_reference_refuses_what_the_kernels_do_not_cover():
 
 # --- the dispatcher ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("M", [1, 2, 5, 9, 16, 40])
+@pytest.mark.parametrize("M", [1, 2, 5, 9, 16, 40])  # 40: the CPU prefill path
 def test_dispatched_matmuls_match_mlx(M):
     K, N = SHAPES["qkv"]
     w, s, b = quantized(N, K)
@@ -143,8 +143,19 @@ def test_cpu_kernels_are_used_when_available(monkeypatch):
     close(dispatch.quantized_matmul(x, w, s, b, group_size=64, bits=4), mlx_qmm(x, w, s, b))
     close(dispatch.gate_up_silu(x, w, s, b, group_size=64, bits=4), mlx_gate_up(x, w, s, b))
     assert calls == [("qmv", 3), ("gate_up_silu", 3)]
+    assert "native CPU kernels" in dispatch.describe()
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: None)
     assert dispatch.choose("qmv", x, w, s, 64, 4) == "mlx"
+
+
+def test_cpu_prefill_goes_to_blas(monkeypatch):
+    from mlx_mistral import _blas
+
+    monkeypatch.setattr(dispatch, "backend", lambda: "cpu")
+    w, s, _ = quantized(64, 512)
+    prefill = inputs(dispatch.CPU_DEQUANT_MIN_M, 512)
+    assert dispatch.choose("qmv", prefill, w, s, 64, 4) == ("dequant" if _blas.preload() else "mlx")
+    assert dispatch.choose("qmv", prefill[:9], w, s, 64, 4) != "dequant"
 
 
 # --- fused layers -----------------------------------------------------------------------------
@@ -210,6 +221,9 @@ def test_fused_tiny_model_equals_unfused(tiny_dir, tiny_q4_dir):
         assert attn.qkv_proj is not None and "q_proj" not in attn and "gate_proj" not in fused.layers[0].mlp
         assert unfused.layers[0].self_attn.qkv_proj is None
         assert_same_model(fused, unfused, ids, tol=1e-5)
+        before = np.array(fused(mx.array([ids])))
+        fused.fuse()  # a second fuse changes nothing
+        np.testing.assert_array_equal(np.array(fused(mx.array([ids]))), before)
 
 
 def test_fused_smollm2_4bit_equals_unfused(smollm2_dir):

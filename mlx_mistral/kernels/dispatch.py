@@ -8,7 +8,7 @@ Backends: Metal GPU, CUDA GPU, else MLX's CPU backend. Implementations:
 - "cpu": native CPU kernels from `kernels/cpu.py` when that module is present and available.
 - "dequant": on the CPU with OpenBLAS, prefill-sized inputs dequantize the weights in row blocks
   and multiply with BLAS: MLX's CPU quantized matmul costs the same per input row as a whole
-  GEMV (no reuse across rows), so from a dozen rows on BLAS wins, by ~10x at 256 rows.
+  GEMV (no reuse across rows), so from a few dozen rows on BLAS wins, by ~10x at 256 rows.
 - "mlx": `mx.quantized_matmul`, the fallback for everything else.
 """
 
@@ -24,8 +24,8 @@ import mlx.nn as nn
 from .. import _blas
 from . import cuda, gpu, metal
 
-CPU_DEQUANT_MIN_M = 16  # input rows from which dequantize + BLAS beats MLX's CPU qmm
-DEQUANT_BLOCK_ROWS = 8192  # bounds the fp32 dequantized block: 8192 x 5120 x 4 B = 168 MB
+CPU_DEQUANT_MIN_M = 32  # input rows from which dequantize + BLAS clearly beats MLX's CPU qmm
+DEQUANT_BLOCK_ROWS = 4096  # bounds the fp32 dequantized block: 4096 x 5120 x 4 B = 84 MB
 _GPU_SOURCES = {"metal": metal, "cuda": cuda}
 
 
@@ -47,6 +47,17 @@ def cpu_kernels() -> Optional[ModuleType]:
     except ImportError:
         cpu = None
     return cpu if cpu is not None and cpu.available() else None
+
+
+def describe() -> str:
+    """One phrase for --verbose: which kernels this process runs."""
+    where = backend()
+    if where != "cpu":
+        return f"{where}: our GEMV kernels for gate/up and 2-9 rows, MLX's elsewhere"
+    parts = ["native CPU kernels" if cpu_kernels() is not None else "MLX's quantized matmul"]
+    if _blas.preload():
+        parts.append(f"dequantize + BLAS from {CPU_DEQUANT_MIN_M} rows")
+    return "cpu: " + ", ".join(parts)
 
 
 def choose(op: str, x: mx.array, w: mx.array, scales: mx.array, group_size: int, bits: int,
@@ -109,7 +120,10 @@ def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.ar
     outs = []
     for start in range(0, N, DEQUANT_BLOCK_ROWS):
         end = min(start + DEQUANT_BLOCK_ROWS, N)
-        dense = mx.dequantize(w[start:end], scales[start:end], biases[start:end], group_size=group_size, bits=bits)
+        block = w[start:end]
+        if outs:  # one dense block alive at a time: dequantize after the previous matmul
+            block = mx.depends(block, outs[-1])
+        dense = mx.dequantize(block, scales[start:end], biases[start:end], group_size=group_size, bits=bits)
         outs.append(x @ dense.astype(x.dtype).T)  # (..., end - start)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
