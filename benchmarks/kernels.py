@@ -58,10 +58,6 @@ def nbytes(*arrays: mx.array) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    return [_once(fn) for _ in range(repeats)]
-
-
 def _once(fn) -> float:
     start = time.perf_counter()
     mx.eval(fn())
@@ -113,9 +109,9 @@ def bench_layers(repeats: int) -> list[dict]:
             ours, baseline, weight_bytes, impl = layer_case(name, M, mx.random.key(i))
             mx.eval(ours()), mx.eval(baseline())  # warm up (and compile kernels on a GPU)
             t_ours, t_mlx = [], []
-            for _ in range(repeats):  # alternate so drift hits both alike
-                t_ours.append(_once(ours))
-                t_mlx.append(_once(baseline))
+            for rep in range(repeats):  # alternate, swapping who goes first: drift hits both alike
+                for fn, times in ((ours, t_ours), (baseline, t_mlx))[:: 1 if rep % 2 else -1]:
+                    times.append(_once(fn))
             ours_s, mlx_s = statistics.median(t_ours), statistics.median(t_mlx)
             rows.append(dict(layer=name, M=M, impl=impl, weight_bytes=weight_bytes,
                              ours_us=ours_s * 1e6, mlx_us=mlx_s * 1e6,
@@ -153,8 +149,8 @@ def bench_model(folder: Path, tokens: int, prompt_len: int, repeats: int) -> dic
     runs = {(phase, name): [] for phase in ("prefill", "decode") for name in models}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("model", total=(repeats + 1) * 4)
-        for rep in range(repeats + 1):  # the first round warms up
-            for name, model in models.items():
+        for rep in range(repeats + 1):  # the first round warms up; who goes first alternates
+            for name, model in list(models.items())[:: 1 if rep % 2 else -1]:
                 for phase, fn in (("prefill", prefill), ("decode", decode)):
                     value = fn(model)
                     if rep:

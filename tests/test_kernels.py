@@ -4,6 +4,8 @@ model, each against mx.quantized_matmul / the unfused model; Metal and CUDA runs
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -336,3 +338,33 @@ def test_metal_kernels_match_mlx_and_reference():
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
 def test_cuda_kernels_match_mlx_and_reference():
     gpu_parity(cuda)
+
+
+CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
+
+
+def cuda_translation_unit() -> str:
+    """Both CUDA kernels, every activation dtype, wrapped as mx.fast.cuda_kernel wraps a body
+    (MLX's own device header swapped for the CUDA headers it brings in)."""
+    unit = ["#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "#include <cooperative_groups.h>",
+            "#include <cstdint>", cuda.HEADER, "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
+    for name, source in cuda.SOURCES.items():
+        for dtype, ctype in CUDA_TYPES.items():
+            unit += [f"__global__ void {name}_{ctype.strip('_')}(const {ctype}* x, const uint32_t* w,",
+                     f"    const {ctype}* scales, const {ctype}* biases, {ctype}* y) {{",
+                     f"  using T = {ctype};", "  constexpr int GROUP_SIZE = 64;", "  constexpr int IN_DIM = 5120;",
+                     "  constexpr int OUT_DIM = 6144;", "  constexpr int X_ROWS = 8;", source, "}"]
+    return "\n".join(unit + ["}  // namespace mlx::core::cu"])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA compiler (nvcc)")
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """No GPU needed to compile to PTX: catches any syntax or type error in the CUDA twin."""
+    unit = tmp_path / "kernels.cu"
+    unit.write_text(cuda_translation_unit())
+    done = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "--ptx", "-o", str(tmp_path / "kernels.ptx"), str(unit)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = (tmp_path / "kernels.ptx").read_text()
+    assert ptx.count(".entry") == len(cuda.SOURCES) * len(CUDA_TYPES)
+    assert "shfl.sync.bfly" in ptx  # the warp butterfly sum
