@@ -159,7 +159,8 @@ def bench_model(folder: Path, tokens: int, prompt_len: int, repeats: int) -> dic
     out = dict(model=str(folder), prompt_tokens=prompt_len, decode_tokens=tokens, repeats=repeats)
     for phase in ("prefill", "decode"):
         ours, base = statistics.median(runs[phase, "ours"]), statistics.median(runs[phase, "mlx"])
-        out[phase] = dict(ours_tok_s=ours, mlx_tok_s=base, speedup=ours / base)
+        out[phase] = dict(ours_tok_s=ours, mlx_tok_s=base, speedup=ours / base,
+                          ours_runs=runs[phase, "ours"], mlx_runs=runs[phase, "mlx"])  # the spread, too
     return out
 
 
@@ -196,7 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    labels = [f"{r['layer']}\nM={r['M']}" for r in rows]
+    labels = [f"{r['layer'].split()[0]}\nM={r['M']}" for r in rows]
     ax.bar(range(len(rows)), [r["speedup"] for r in rows], color=["tab:green" if r["speedup"] >= 1 else "tab:red" for r in rows])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
@@ -213,20 +214,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per run")
     parser.add_argument("--prompt", type=int, default=128, help="prefill tokens per run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--skip-layers", action="store_true", help="keep the layer results already in the JSON")
     args = parser.parse_args()
 
-    rows = bench_layers(args.repeats)
+    out = args.out / dispatch.backend()
+    if args.skip_layers:  # re-time the model only, keeping the layer table of an earlier run
+        result = json.loads((out / "kernels.json").read_text())
+        rows = result["layers"]
+    else:
+        rows = bench_layers(args.repeats)
+        result = dict(device=device_name(), backend=dispatch.backend(), group_size=GROUP_SIZE, bits=BITS,
+                      repeats=args.repeats, cpu_kernels=dispatch.cpu_kernels() is not None,
+                      mlx_version=mx.__version__, layers=rows)
     print_layers(rows)
-    result = dict(device=device_name(), backend=dispatch.backend(), group_size=GROUP_SIZE, bits=BITS,
-                  repeats=args.repeats, cpu_kernels=dispatch.cpu_kernels() is not None,
-                  mlx_version=mx.__version__, layers=rows)
     if args.model:
-        result["model"] = bench_model(args.model, args.tokens, args.prompt, max(3, args.repeats // 2))
+        result["model"] = bench_model(args.model, args.tokens, args.prompt, args.repeats)
         for phase in ("prefill", "decode"):
             d = result["model"][phase]
             console.print(f"{phase} {args.model}: ours (fused) {d['ours_tok_s']:.2f} tok/s, "
                           f"mlx-lm layout {d['mlx_tok_s']:.2f} tok/s ({d['speedup']:.2f}x)")
-    out = args.out / dispatch.backend()
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out / "kernels.png")
