@@ -223,9 +223,12 @@ def main() -> None:
         rows = result["layers"]
     else:
         rows = bench_layers(args.repeats)
+        earlier = json.loads((out / "kernels.json").read_text()) if (out / "kernels.json").exists() else {}
         result = dict(device=device_name(), backend=dispatch.backend(), group_size=GROUP_SIZE, bits=BITS,
                       repeats=args.repeats, cpu_kernels=dispatch.cpu_kernels() is not None,
                       mlx_version=mx.__version__, layers=rows)
+        if "model" in earlier and not args.model:  # keep the model timings of an earlier run
+            result["model"] = earlier["model"]
     print_layers(rows)
     if args.model:
         result["model"] = bench_model(args.model, args.tokens, args.prompt, args.repeats)
