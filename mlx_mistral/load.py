@@ -30,10 +30,11 @@ def compute_dtype() -> Optional[mx.Dtype]:
 def runtime_summary() -> str:
     """Where the numbers come from, for --verbose."""
     from . import _blas
+    from .kernels import dispatch
 
     dtype = compute_dtype()
     return (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
-            f"BLAS: {_blas.describe()}")
+            f"BLAS: {_blas.describe()}, kernels: {dispatch.describe()}")
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -145,8 +146,10 @@ def quantize_like_folder(model: Model, quantization: dict, weights: dict) -> Non
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
-def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
-    """The model of a local folder. `dtype` overrides the compute dtype policy."""
+def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+               fuse: bool = True) -> Model:
+    """The model of a local folder. `dtype` overrides the compute dtype policy; `fuse=False`
+    keeps q/k/v and gate/up as separate matrices (the layout mlx-lm runs)."""
     folder = Path(path)
     args = ModelArgs.from_dict(read_config(folder))
     model = Model(args)
@@ -157,9 +160,12 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MistralError(f"weights in {folder} do not match config.json: {str(e).splitlines()[0]}") from e
+    del weights  # the model holds them now; fusing replaces them, and nothing else may keep them
     dtype = dtype or compute_dtype()
     if dtype is not None:
         model.set_dtype(dtype)  # floating parameters only; packed 4-bit weights stay uint32
+    if fuse:
+        model.fuse()
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -168,7 +174,7 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
 
 def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
          context: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-         max_kv_size: Optional[int] = None):
+         max_kv_size: Optional[int] = None, fuse: bool = True):
     """`(model, tokenizer)` from a model folder or a hub id.
 
     Refuses up front (MistralError with the numbers) when the weights, plus the KV cache of
@@ -183,4 +189,4 @@ def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: 
     memory.check_fits(p, memory.machine_budget(), name=str(path_or_hub_id))
     memory.raise_wired_limit()
     tokenizer = load_tokenizer(folder)
-    return load_model(folder, dtype=dtype, lazy=lazy), tokenizer
+    return load_model(folder, dtype=dtype, lazy=lazy, fuse=fuse), tokenizer

@@ -14,6 +14,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 
 from .config import ModelArgs
+from .kernels.layers import FusedGateUp, FusedLinear, concat_linears, dispatched
 
 
 class Attention(nn.Module):
@@ -28,14 +29,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.qkv_proj = None  # set by fuse(): q, k and v rows as one matrix
         # HF checkpoints store q/k rows for half-split ("non-traditional") RoPE
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, L, hd)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, hd)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, hd)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, L, hd)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, hd)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, hd)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
@@ -46,6 +52,19 @@ class Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * hd)
         return self.o_proj(out)
 
+    def fuse(self) -> None:
+        """q/k/v into one matrix when they share a format; quantized layers to the dispatcher."""
+        if self.qkv_proj is not None:
+            return
+        qkv = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        if qkv is not None:
+            kv = self.n_kv_heads * self.head_dim
+            self.qkv_proj = FusedLinear(qkv, (self.n_heads * self.head_dim, kv, kv))
+            del self.q_proj, self.k_proj, self.v_proj
+        else:
+            self.q_proj, self.k_proj, self.v_proj = map(dispatched, (self.q_proj, self.k_proj, self.v_proj))
+        self.o_proj = dispatched(self.o_proj)
+
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -53,9 +72,24 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = None  # set by fuse(): gate rows then up rows, SwiGLU epilogue
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.gate_up_proj is not None:
+            return self.down_proj(self.gate_up_proj(x))
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+    def fuse(self) -> None:
+        """gate/up into one matrix when they share a format; quantized layers to the dispatcher."""
+        if self.gate_up_proj is not None:
+            return
+        gate_up = concat_linears([self.gate_proj, self.up_proj])
+        if gate_up is not None:
+            self.gate_up_proj = FusedGateUp(gate_up)
+            del self.gate_proj, self.up_proj
+        else:
+            self.gate_proj, self.up_proj = dispatched(self.gate_proj), dispatched(self.up_proj)
+        self.down_proj = dispatched(self.down_proj)
 
 
 class Block(nn.Module):
@@ -112,6 +146,16 @@ class Model(nn.Module):
     @property
     def layers(self) -> list:
         return self.model.layers
+
+    def fuse(self) -> "Model":
+        """Fuse q/k/v and gate/up per layer and route quantized matmuls through the kernel
+        dispatcher. Run after the weights load (they load under their HF names)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        if not self.args.tie_word_embeddings:
+            self.lm_head = dispatched(self.lm_head)
+        return self
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.layers]

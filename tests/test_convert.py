@@ -233,7 +233,7 @@ def test_smollm2_4bit_and_mixed_quality_on_real_text(smollm2_dir, smollm2_q4, tm
     ref = logits(load_model(smollm2_dir), ids)
     results = {}
     for name, folder in folders.items():
-        model = load_model(folder)
+        model = load_model(folder, fuse=False)  # inspects the per-layer quantization
         assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
         # the same weights as dense float32 layers: identical math, and BLAS-fast on this CPU
         dequantize_model(model)
@@ -275,4 +275,4 @@ def test_resolve_converts_a_hub_checkpoint_once_and_reuses_it(consolidated_dir, 
 
     monkeypatch.setattr(hub, "repo_info", offline)
     assert resolve("mistralai/Tiny-Instruct") == folder
-    assert load_model(folder).model.layers[0].self_attn.q_proj.bits == 4
+    assert load_model(folder, fuse=False).model.layers[0].self_attn.q_proj.bits == 4

@@ -96,9 +96,11 @@ def test_chunked_prefill_equals_one_shot(tiny, step):
 def test_quantized_folder_loads_quantized_layers(tiny_q4_dir):
     import mlx.nn as nn
 
-    model = load_model(tiny_q4_dir)
-    q = model.model.layers[0].self_attn.q_proj
+    q = load_model(tiny_q4_dir, fuse=False).model.layers[0].self_attn.q_proj
     assert isinstance(q, nn.QuantizedLinear) and q.bits == 4 and q.group_size == 64
+    model = load_model(tiny_q4_dir)  # fused: q, k, v rows in one 4-bit matrix
+    qkv = model.model.layers[0].self_attn.qkv_proj.linear
+    assert isinstance(qkv, nn.QuantizedLinear) and qkv.bits == 4 and qkv.group_size == 64
     assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
     logits = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, model.args.vocab_size) and logits.dtype == mx.float32
