@@ -1,0 +1,182 @@
+"""CPU peers: mlx-mistral on its native kernels vs mlx-lm vs llama.cpp, SmolLM2-135M real weights.
+
+    python benchmarks/cpu_peers.py [--prompt 128] [--decode 64] [--threads 2] [--rounds 2]
+    python benchmarks/cpu_peers.py --big /work/big/mistral-small-3-q4   # 24B shape: decode GB/s
+
+The same prompt ids go to every runtime; runtimes alternate within each round and the best
+round counts. mlx-mistral and mlx-lm load the same MLX 4-bit g64 folder (converted once from the
+fp32 HF checkpoint with mlx_lm.convert); llama.cpp runs the original Q4_1 GGUF. Prefill tok/s is
+prompt length over time to first token; decode tok/s counts the tokens after it.
+Writes benchmarks/results/cpu/cpu_peers.json and .png (or big_model.json for --big).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/fixtures.py
+
+import mlx_mistral  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+import fixtures  # noqa: E402
+from mlx_mistral.generate import generate_step  # noqa: E402
+from mlx_mistral.kernels import cpu  # noqa: E402
+from mlx_mistral.load import load_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+PROMPT_TEXT = ("Explain, step by step and with examples, how a transformer language model turns a prompt "
+               "into an answer: tokenization, embeddings, attention, the feed-forward layers, sampling. ") * 8
+
+
+def mlx_folder() -> Path:
+    """SmolLM2 as an MLX 4-bit group-64 folder, converted once next to the HF fixture."""
+    out = fixtures.CACHE / "smollm2-mlx-q4g64"
+    if not (out / "config.json").exists():
+        from mlx_lm import convert
+
+        convert(str(fixtures.smollm2_hf()), str(out), quantize=True, q_group_size=64, q_bits=4)
+    return out
+
+
+def time_stream(tokens, n_prompt: int) -> dict:
+    """Prefill/decode rates from a generator of tokens whose first item ends the prefill."""
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for _ in tokens:
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"prefill_tps": n_prompt / (first - start), "decode_tps": (count - 1) / (end - first)}
+
+
+def run_mlx_mistral(model, ids: list[int], n: int) -> dict:
+    return time_stream((t for t, _ in generate_step(mx.array(ids), model, max_tokens=n)), len(ids))
+
+
+def run_mlx_lm(model, tokenizer, ids: list[int], n: int) -> dict:
+    from mlx_lm.generate import stream_generate
+
+    last = None
+    for last in stream_generate(model, tokenizer, ids, max_tokens=n):
+        pass
+    return {"prefill_tps": last.prompt_tps, "decode_tps": last.generation_tps}
+
+
+def run_llama_cpp(llm, ids: list[int], n: int) -> dict:
+    def tokens():
+        for i, t in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+            yield t
+            if i + 1 == n:
+                return
+
+    return time_stream(tokens(), len(ids))
+
+
+def peers(args) -> dict:
+    folder = mlx_folder()
+    from mlx_lm import load as mlx_lm_load
+
+    lm_model, lm_tok = mlx_lm_load(str(folder))
+    ids = lm_tok.encode(PROMPT_TEXT)[: args.prompt]
+    ours = load_model(folder)
+    swapped = cpu.use_native_kernels(ours)
+    cpu.set_threads(args.threads)
+    runners = {
+        "mlx-mistral (native kernels)": lambda: run_mlx_mistral(ours, ids, args.decode),
+        "mlx-lm": lambda: run_mlx_lm(lm_model, lm_tok, ids, args.decode),
+    }
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(fixtures.smollm2_gguf()), n_ctx=1024, n_threads=args.threads,
+                    n_threads_batch=args.threads, verbose=False)
+        runners["llama.cpp"] = lambda: run_llama_cpp(llm, ids, args.decode)
+    except ImportError:
+        print("llama-cpp-python not installed: llama.cpp left out", file=sys.stderr)
+
+    best: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for name, run in runners.items():
+            res = run()
+            print(f"round {r + 1} {name:30s} prefill {res['prefill_tps']:8.1f} tok/s  decode {res['decode_tps']:7.1f} tok/s",
+                  flush=True)
+            for key, value in res.items():
+                best.setdefault(name, {})[key] = max(best.get(name, {}).get(key, 0.0), value)
+    if "llama.cpp" in best:
+        ref = best["llama.cpp"]
+        for res in best.values():
+            res["prefill_vs_llama_cpp"] = res["prefill_tps"] / ref["prefill_tps"]
+            res["decode_vs_llama_cpp"] = res["decode_tps"] / ref["decode_tps"]
+    return {"model": "SmolLM2-135M-Instruct", "format": "MLX affine 4-bit g64 (llama.cpp: Q4_1 GGUF)",
+            "prompt_tokens": len(ids), "decode_tokens": args.decode, "threads": args.threads,
+            "rounds": args.rounds, "kernels": cpu.describe(), "layers_on_native_kernels": swapped,
+            "results": best}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("prefill_tps", "decode_tps"), ("prefill", "decode")):
+        values = [report["results"][n][key] for n in names]
+        bars = ax.bar(range(len(names)), values, color=["tab:orange", "tab:gray", "tab:blue"][: len(names)])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{title}, {report['prompt_tokens']}-token prompt, {report['threads']} threads")
+    fig.suptitle(f"{report['model']} on CPU ({platform.processor() or platform.machine()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def big(args) -> dict:
+    """Decode rate of a large model folder and the weight bandwidth it implies."""
+    model = load_model(args.big)
+    swapped = cpu.use_native_kernels(model)
+    cpu.set_threads(args.threads)
+    # bytes read per decoded token: every matrix except the embedding table (one row of it)
+    read = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "embed_tokens" not in k)
+    ids = list(range(1000, 1000 + args.prompt))
+    res = run_mlx_mistral(model, ids, args.decode)
+    res["gb_per_s"] = read * res["decode_tps"] / 1e9
+    print(f"{args.big}: decode {res['decode_tps']:.2f} tok/s, {res['gb_per_s']:.1f} GB/s of weights "
+          f"({read / 1e9:.2f} GB per token); prefill {res['prefill_tps']:.1f} tok/s")
+    return {"model": str(args.big), "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
+            "threads": args.threads, "kernels": cpu.describe(), "layers_on_native_kernels": swapped, **res}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--big", type=Path, help="a large MLX 4-bit folder: decode tok/s and GB/s only")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"machine": platform.processor() or platform.machine(), "mlx": mx.__version__}
+    if args.big:
+        report.update(big(args))
+        (RESULTS / "big_model.json").write_text(json.dumps(report, indent=2))
+        return
+    report.update(peers(args))
+    (RESULTS / "cpu_peers.json").write_text(json.dumps(report, indent=2))
+    plot(report, RESULTS / "cpu_peers.png")
+    print(json.dumps(report["results"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Native CPU kernels for MLX's affine quantized matmul (4/8-bit, groups 32/64/128).
+
+MLX's CPU backend runs quantized matmul as scalar loops (~40x slower than llama.cpp here). These
+kernels (cpu_qmm.c: AVX2/FMA GEMV for decode, dequantized tiles + the process's optimized BLAS for
+prefill, rows over all cores) read the packed weights in place through zero-copy numpy views.
+
+The price of calling C without an MLX primitive: every call is an eval boundary. The pending
+graph producing `x` is evaluated, the C kernel runs at once, and its result comes back as a new
+(small) MLX array. About 15 us of Python per call, and results nobody reads are still computed,
+which is why the tied output head keeps MLX's lazy op for multi-token inputs (prefill chunks
+never read their logits).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map_with_path
+
+from . import _build
+
+GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)
+DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # as cpu_qmm.c numbers them
+HEAD_NATIVE_MAX_ROWS = 8  # see module docstring: wider calls of the tied head stay lazy in MLX
+
+_c_float_p = ctypes.POINTER(ctypes.c_float)
+_QMM_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+             ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("MLX_MISTRAL_KERNEL_CACHE", Path(root) / "mlx-mistral" / "kernels"))
+
+
+def _open(path: Path) -> Optional[ctypes.CDLL]:
+    """The library at `path` if it loads and was built from this exact source."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.mm_source_hash.restype = ctypes.c_char_p
+    return lib if lib.mm_source_hash().decode() == _build.source_hash() else None
+
+
+def _sgemm_address() -> Optional[int]:
+    """cblas_sgemm of an optimized BLAS already in the process (OpenBLAS, Accelerate), if any."""
+    from .. import _blas
+
+    candidates = [_blas.preload()]
+    if platform.system() == "Darwin":
+        candidates.append("/System/Library/Frameworks/Accelerate.framework/Accelerate")
+    for path in filter(None, candidates):
+        try:
+            return ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@functools.cache
+def _library() -> tuple[Optional[ctypes.CDLL], str]:
+    """(library, how it was found) or (None, why not). Built here on first use if need be."""
+    if os.environ.get("MLX_MISTRAL_CPU_KERNELS") == "0":
+        return None, "disabled by MLX_MISTRAL_CPU_KERNELS=0"
+    spec = importlib.util.find_spec("mlx_mistral.kernels._cpu_qmm")  # built by `pip install`
+    lib = _open(Path(spec.origin)) if spec and spec.origin else None
+    where = "built at install"
+    if lib is None:
+        cached = _cache_dir() / f"cpu_qmm-{_build.source_hash()}-{platform.machine()}.so"
+        if not cached.exists():
+            failure = _build.compile_library(cached)
+            if failure:
+                return None, failure
+        lib = _open(cached)
+        where = f"built into {cached.parent}"
+        if lib is None:
+            return None, f"{cached} does not load"
+    lib.mm_qmm.argtypes = _QMM_ARGS
+    lib.mm_gate_up_silu.argtypes = _QMM_ARGS
+    lib.mm_set_sgemm.argtypes = [ctypes.c_void_p]
+    lib.mm_set_sgemm(_sgemm_address())
+    return lib, where
+
+
+def available() -> bool:
+    """True when the native library is built and loads on this machine."""
+    return _library()[0] is not None
+
+
+def describe() -> str:
+    """One phrase for --verbose output and benchmarks."""
+    lib, how = _library()
+    if lib is None:
+        return f"MLX's own quantized matmul (native CPU kernels unavailable: {how})"
+    simd = {2: "AVX2/FMA"}.get(lib.mm_simd(), "portable C")
+    return f"native CPU kernels ({simd}, {lib.mm_threads()} threads, {how})"
+
+
+def set_threads(n: int) -> None:
+    """Threads the native kernels use (default: all cores)."""
+    lib = _library()[0]
+    if lib is not None:
+        lib.mm_set_threads(int(n))
+
+
+@functools.cache
+def _warn_slow_path(why: str) -> None:
+    # cached: the warning is given once per reason, not once per matmul
+    warnings.warn(f"mlx-mistral runs quantized matmuls on MLX's slow CPU path: {why}", RuntimeWarning, stacklevel=3)
+
+
+def supports(group_size: int, bits: int) -> bool:
+    return available() and group_size in GROUP_SIZES and bits in BITS
+
+
+class Packed:
+    """Raw pointers to one quantized matrix (N, K); the numpy views keep the MLX buffers alive."""
+
+    def __init__(self, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+        if scales.dtype not in DTYPE_CODES or biases.dtype != scales.dtype or w.dtype != mx.uint32:
+            raise ValueError(f"unsupported quantized matrix: w {w.dtype}, scales {scales.dtype}, biases {biases.dtype}")
+        mx.eval(w, scales, biases)
+        as_bits = (lambda a: a) if scales.dtype == mx.float32 else (lambda a: a.view(mx.uint16))  # zero-copy
+        self.views = [np.ascontiguousarray(np.asarray(w)), np.ascontiguousarray(np.asarray(as_bits(scales))),
+                      np.ascontiguousarray(np.asarray(as_bits(biases)))]
+        self.w, self.scales, self.biases = (v.ctypes.data for v in self.views)
+        self.dtype = DTYPE_CODES[scales.dtype]
+        self.N = w.shape[0]
+        self.K = w.shape[1] * 32 // bits
+        self.group_size, self.bits = group_size, bits
+
+    def __call__(self, x: mx.array, *, gate_up_silu: bool = False) -> mx.array:
+        """x (..., K) -> (..., N), or (..., N/2) with the SwiGLU of [gate; up] applied."""
+        if x.shape[-1] != self.K:
+            raise ValueError(f"x has {x.shape[-1]} features, the matrix {self.K}")
+        lib = _library()[0]
+        xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+        mx.eval(xf)  # the eval boundary
+        xn = np.ascontiguousarray(np.asarray(xf)).reshape(-1, self.K)  # (M, K), no copy when contiguous
+        n_out = self.N // 2 if gate_up_silu else self.N
+        y = np.empty((xn.shape[0], n_out), np.float32)  # (M, n_out)
+        fn = lib.mm_gate_up_silu if gate_up_silu else lib.mm_qmm
+        rc = fn(xn.ctypes.data, xn.shape[0], self.K, self.w, self.scales, self.biases, self.dtype, n_out,
+                self.group_size, self.bits, y.ctypes.data)
+        if rc != 0:
+            raise ValueError(f"cpu_qmm does not support group_size={self.group_size}, bits={self.bits}")
+        out = mx.array(y).reshape(*x.shape[:-1], n_out)
+        return out if x.dtype == mx.float32 else out.astype(x.dtype)
+
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+                     bits: int) -> mx.array:
+    """`mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)` on the native kernels
+    (MLX's op where they are missing or the format is not covered)."""
+    if not supports(group_size, bits) or scales.dtype not in DTYPE_CODES:
+        if not available():
+            _warn_slow_path(_library()[1])
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    return Packed(w, scales, biases, group_size, bits)(x)
+
+
+def gate_up_silu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+                 bits: int) -> mx.array:
+    """silu(x . Wg^T) * (x . Wu^T) where w/scales/biases hold [gate rows; up rows] (2F, K)."""
+    if not supports(group_size, bits) or scales.dtype not in DTYPE_CODES:
+        if not available():
+            _warn_slow_path(_library()[1])
+        gu = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        g, u = mx.split(gu, 2, axis=-1)  # (..., F) each
+        return nn.silu(g) * u
+    return Packed(w, scales, biases, group_size, bits)(x, gate_up_silu=True)
+
+
+# ---- swapping a model's quantized layers onto the kernels --------------------------------------
+
+class NativeQuantizedLinear(nn.Module):
+    """nn.QuantizedLinear computing on the native kernels; shares the layer's arrays (no copy)."""
+
+    def __init__(self, layer: nn.QuantizedLinear):
+        super().__init__()
+        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
+        if "bias" in layer:
+            self.bias = layer.bias
+        self.group_size, self.bits = layer.group_size, layer.bits
+        self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._packed(x)
+        return y + self.bias if "bias" in self else y
+
+
+class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied output head (`as_linear`) runs natively for few rows."""
+
+    def __init__(self, layer: nn.QuantizedEmbedding):
+        nn.Module.__init__(self)
+        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
+        self.group_size, self.bits, self.num_embeddings = layer.group_size, layer.bits, layer.num_embeddings
+        self.dims = layer.dims
+        self.mode = getattr(layer, "mode", "affine")
+        self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] <= HEAD_NATIVE_MAX_ROWS:
+            return self._packed(x)
+        return super().as_linear(x)
+
+
+def use_native_kernels(model: nn.Module) -> int:
+    """Swap the model's affine quantized layers the kernels cover onto them; returns how many."""
+    if not available():
+        _warn_slow_path(_library()[1])
+        return 0
+    swapped = 0
+
+    def swap(_path, module):
+        nonlocal swapped
+        covered = getattr(module, "mode", "affine") == "affine" and supports(getattr(module, "group_size", 0),
+                                                                                getattr(module, "bits", 0))
+        if covered and type(module) is nn.QuantizedLinear:
+            swapped += 1
+            return NativeQuantizedLinear(module)
+        if covered and type(module) is nn.QuantizedEmbedding:
+            swapped += 1
+            return NativeQuantizedEmbedding(module)
+        return module
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    return swapped
