@@ -88,6 +88,37 @@ def test_gate_up_silu_matches_reference(group_size, M):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("M", [1, 3, 128])
+def test_siblings_share_one_call_and_match_mlx(M):
+    mats = [quantized(n, 640, 64, 4, dtype=mx.bfloat16, seed=n) for n in (512, 128, 128)]  # q, k, v
+    group = cpu.Siblings([cpu.Packed(*m, 64, 4) for m in mats])
+    x = mx.random.normal((1, M, 640), key=mx.random.key(M))
+    got = [group.result(i, x) for i in range(3)]
+    assert not group.pending  # every result handed out once
+    for (w, s, b), y in zip(mats, got):
+        assert rel_err(y, reference(x, w, s, b, 64, 4)) < 1e-5
+
+
+@pytest.fixture
+def portable_kernels():
+    """The kernels non-x86 machines get, forced on this one."""
+    lib = cpu._library()[0]
+    lib.mm_use_portable(1)
+    yield
+    lib.mm_use_portable(0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_portable_kernels_match_mlx(portable_kernels, bits, group_size):
+    assert "portable C" in cpu.describe()
+    for M in (1, 5, 128):
+        w, s, b = quantized(97, 3 * group_size, group_size, bits, dtype=mx.float16)
+        x = mx.random.normal((M, 3 * group_size), key=mx.random.key(M))
+        got = cpu.quantized_matmul(x, w, s, b, group_size=group_size, bits=bits)
+        assert rel_err(got, reference(x, w, s, b, group_size, bits)) < 1e-5, M
+
+
 def test_uncovered_formats_fall_back_to_mlx():
     w, s, b = quantized(64, 256, 64, 3)  # 3-bit: no native kernel
     x = mx.random.normal((2, 256), key=mx.random.key(0))

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("cpu_qmm.c")
-BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
-# OpenMP first; Apple clang has none, so the library builds single-threaded there
-THREAD_FLAGS = (["-fopenmp"], [])
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 
 
 def source_hash() -> str:
@@ -40,18 +38,15 @@ def compile_library(out: Path) -> Optional[str]:
     if cc is None:
         return "no C compiler found (set CC or install gcc/clang)"
     out.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for extra in THREAD_FLAGS:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".cpu_qmm.", suffix=".so")
-        os.close(fd)
-        cmd = [cc, *BASE_FLAGS, *extra, f'-DMM_SOURCE_HASH="{source_hash()}"', str(SOURCE), "-o", tmp, "-lm"]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode == 0:
-            os.replace(tmp, out)
-            return None
-        os.unlink(tmp)
-        errors.append(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
-    return f"{Path(cc).name} failed: {errors[-1]}"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".cpu_qmm.", suffix=".so")
+    os.close(fd)
+    cmd = [cc, *FLAGS, f'-DMM_SOURCE_HASH="{source_hash()}"', str(SOURCE), "-o", tmp, "-lm"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode == 0:
+        os.replace(tmp, out)
+        return None
+    os.unlink(tmp)
+    return f"{Path(cc).name} failed: " + (run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
 
 
 if __name__ == "__main__":  # python -m mlx_mistral.kernels._build OUT

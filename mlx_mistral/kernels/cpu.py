@@ -4,7 +4,8 @@ MLX's CPU backend runs quantized matmul as scalar loops (~40x slower than llama.
 kernels (cpu_qmm.c: AVX2/FMA GEMV for decode, dequantized tiles + the process's optimized BLAS for
 prefill, rows over all cores) read the packed weights in place through zero-copy numpy views.
 
-The price of calling C without an MLX primitive: every call is an eval boundary. The pending
+Layers fed the same input (q/k/v, gate/up) run as one call on their own weights, no concatenated
+copy (`Siblings`). The price of calling C without an MLX primitive: every call is an eval boundary. The pending
 graph producing `x` is evaluated, the C kernel runs at once, and its result comes back as a new
 (small) MLX array. About 15 us of Python per call, and results nobody reads are still computed,
 which is why the tied output head keeps MLX's lazy op for multi-token inputs (prefill chunks
@@ -32,6 +33,7 @@ from . import _build
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
 DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # as cpu_qmm.c numbers them
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers fed the same input
 HEAD_NATIVE_MAX_ROWS = 8  # see module docstring: wider calls of the tied head stay lazy in MLX
 
 _c_float_p = ctypes.POINTER(ctypes.c_float)
@@ -89,6 +91,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
             return None, f"{cached} does not load"
     lib.mm_qmm.argtypes = _QMM_ARGS
     lib.mm_gate_up_silu.argtypes = _QMM_ARGS
+    lib.mm_qmm_multi.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_void_p]
     lib.mm_set_sgemm.argtypes = [ctypes.c_void_p]
     lib.mm_set_sgemm(_sgemm_address())
     return lib, where
@@ -143,21 +148,69 @@ class Packed:
 
     def __call__(self, x: mx.array, *, gate_up_silu: bool = False) -> mx.array:
         """x (..., K) -> (..., N), or (..., N/2) with the SwiGLU of [gate; up] applied."""
-        if x.shape[-1] != self.K:
-            raise ValueError(f"x has {x.shape[-1]} features, the matrix {self.K}")
-        lib = _library()[0]
-        xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
-        mx.eval(xf)  # the eval boundary
-        xn = np.ascontiguousarray(np.asarray(xf)).reshape(-1, self.K)  # (M, K), no copy when contiguous
+        xn = self.host_input(x)  # (M, K)
         n_out = self.N // 2 if gate_up_silu else self.N
         y = np.empty((xn.shape[0], n_out), np.float32)  # (M, n_out)
-        fn = lib.mm_gate_up_silu if gate_up_silu else lib.mm_qmm
+        fn = _library()[0].mm_gate_up_silu if gate_up_silu else _library()[0].mm_qmm
         rc = fn(xn.ctypes.data, xn.shape[0], self.K, self.w, self.scales, self.biases, self.dtype, n_out,
                 self.group_size, self.bits, y.ctypes.data)
         if rc != 0:
             raise ValueError(f"cpu_qmm does not support group_size={self.group_size}, bits={self.bits}")
-        out = mx.array(y).reshape(*x.shape[:-1], n_out)
-        return out if x.dtype == mx.float32 else out.astype(x.dtype)
+        return to_mlx(y, x)
+
+    def host_input(self, x: mx.array) -> np.ndarray:
+        """x evaluated (the eval boundary) as a contiguous fp32 (M, K) host array, no copy if it can."""
+        if x.shape[-1] != self.K:
+            raise ValueError(f"x has {x.shape[-1]} features, the matrix {self.K}")
+        xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+        mx.eval(xf)
+        return np.ascontiguousarray(np.asarray(xf)).reshape(-1, self.K)
+
+
+def to_mlx(y: np.ndarray, like: mx.array) -> mx.array:
+    """(M, N) host result -> MLX array shaped (..., N) and typed like the input."""
+    out = mx.array(y).reshape(*like.shape[:-1], y.shape[-1])
+    return out if like.dtype == mx.float32 else out.astype(like.dtype)
+
+
+class Siblings:
+    """Layers that read the same input (q/k/v, gate/up): the first call computes them all in one
+    native call (one eval boundary, one thread wake-up), the others pick up their result."""
+
+    def __init__(self, packs: list[Packed]):
+        first = packs[0]
+        self.packs, self.K, self.dtype, self.group_size, self.bits = packs, first.K, first.dtype, first.group_size, first.bits
+        n = len(packs)
+        self.ws = (ctypes.c_void_p * n)(*[p.w for p in packs])
+        self.scs = (ctypes.c_void_p * n)(*[p.scales for p in packs])
+        self.bis = (ctypes.c_void_p * n)(*[p.biases for p in packs])
+        self.Ns = (ctypes.c_int64 * n)(*[p.N for p in packs])
+        self.x: Optional[mx.array] = None  # the input the pending results belong to (held, so `is` is safe)
+        self.pending: dict[int, mx.array] = {}
+
+    @staticmethod
+    def compatible(packs: list[Packed]) -> bool:
+        first = packs[0]
+        return all((p.K, p.dtype, p.group_size, p.bits) == (first.K, first.dtype, first.group_size, first.bits)
+                   for p in packs)
+
+    def result(self, index: int, x: mx.array) -> mx.array:
+        if self.x is not x or index not in self.pending:
+            self.compute(x)
+        out = self.pending.pop(index)
+        if not self.pending:
+            self.x = None
+        return out
+
+    def compute(self, x: mx.array) -> None:
+        xn = self.packs[0].host_input(x)  # (M, K)
+        ys = [np.empty((xn.shape[0], p.N), np.float32) for p in self.packs]  # (M, N_i) each
+        y_ptrs = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+        rc = _library()[0].mm_qmm_multi(xn.ctypes.data, xn.shape[0], self.K, len(ys), self.ws, self.scs, self.bis,
+                                        self.Ns, self.dtype, self.group_size, self.bits, y_ptrs)
+        if rc != 0:
+            raise ValueError(f"cpu_qmm does not support group_size={self.group_size}, bits={self.bits}")
+        self.x, self.pending = x, {i: to_mlx(y, x) for i, y in enumerate(ys)}
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
@@ -195,9 +248,10 @@ class NativeQuantizedLinear(nn.Module):
             self.bias = layer.bias
         self.group_size, self.bits = layer.group_size, layer.bits
         self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        self._siblings: Optional[tuple[Siblings, int]] = None  # set by use_native_kernels
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self._packed(x)
+        y = self._siblings[0].result(self._siblings[1], x) if self._siblings else self._packed(x)
         return y + self.bias if "bias" in self else y
 
 
@@ -238,4 +292,11 @@ def use_native_kernels(model: nn.Module) -> int:
         return module
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [module.get(n) for n in names]
+            if all(isinstance(m, NativeQuantizedLinear) for m in layers) and Siblings.compatible([m._packed for m in layers]):
+                group = Siblings([m._packed for m in layers])
+                for i, m in enumerate(layers):
+                    m._siblings = (group, i)
     return swapped

@@ -9,16 +9,18 @@
  *   M small      the same over blocks of up to 4 inputs (each dequantized vector feeds 4 FMAs);
  *                portable builds dequantize one row into L1 and take M dot products against it
  *   M large      dequantize a tile of rows to fp32 and hand it to cblas_sgemm (if one is set)
- * Rows are split over threads with OpenMP when the compiler has it. AVX2/FMA is chosen at run
+ * Rows are split over a small pool of worker threads (see "threads"). AVX2/FMA is chosen at run
  * time on x86-64; elsewhere portable C that the compiler vectorizes (NEON on arm64).
  */
+#define _GNU_SOURCE  /* clock_gettime, sysconf under -std=c11 */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define MM_X86 1
@@ -279,6 +281,18 @@ static void pick_kernels(void) {
 #endif
 }
 
+/* 1: the portable kernels even where AVX2 exists (how tests reach the arm64/generic path) */
+void mm_use_portable(int on) {
+    pick_kernels();
+    k_gemv = gemv_c, k_deq = deq_row_c, k_dot = dot_c, g_simd = 0;
+#ifdef MM_X86
+    if (!on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        k_gemv = gemv_avx2, k_deq = deq_row_avx2, k_dot = dot_avx2, g_simd = 2;
+#else
+    (void)on;
+#endif
+}
+
 const char* mm_source_hash(void) { return MM_SOURCE_HASH; }
 
 /* 0 portable C, 2 AVX2+FMA */
@@ -287,115 +301,224 @@ int mm_simd(void) {
     return g_simd;
 }
 
-int mm_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
+/* ---- threads ----------------------------------------------------------------------------
+ * A job is n chunks claimed through one atomic counter. The caller works on its own job and
+ * waits only for chunks a worker has already claimed, never for a worker to show up: on a
+ * busy machine a descheduled worker costs nothing, where a fork/join barrier (OpenMP) would
+ * stall every call until it runs again. Workers spin briefly after a job (decode issues
+ * matmuls back to back), then sleep on a condition variable.
+ */
+#define SPIN_NS 100000
+#define MAX_THREADS 256
+
+typedef struct qmm_args {
+    const float* x;
+    const float* xsum;  /* (M, K/gs) group sums of x, for the factored GEMV */
+    int64_t M, K, N;
+    const uint32_t* w;
+    const void *sc, *bi;
+    int dt, gs, bits;
+    float* y;
+    float* wt;  /* GEMM: the fp32 tile being filled, rows t0 .. t0 + its height */
+    int64_t t0;
+    const struct qmm_args* group;  /* several matrices in one job: their args, in chunk order */
+    int ngroup;
+    void (*inner)(const struct qmm_args*, int64_t);
+} qmm_args;
+typedef void (*chunk_fn)(const qmm_args*, int64_t);
+
+typedef struct job {
+    chunk_fn fn;
+    const qmm_args* a;
+    int64_t n;
+    atomic_llong next;
+    int active;  /* workers inside run_chunks; guarded by g_mu */
+    long gen;
+} job_t;
+
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER, g_call_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_wake = PTHREAD_COND_INITIALIZER, g_idle = PTHREAD_COND_INITIALIZER;
+static job_t* g_job = NULL;
+static atomic_long g_gen = 0;
+static int g_threads = 0;  /* per job, the caller included; 0 until first use */
+static int g_started = 0;  /* worker threads running */
+
+static inline void cpu_relax(void) {
+#ifdef MM_X86
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
 #endif
 }
 
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void run_chunks(job_t* j) {
+    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n;) j->fn(j->a, i);
+}
+
+static void* worker(void* arg) {
+    int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        int64_t until = now_ns() + SPIN_NS;
+        for (int s = 0; atomic_load(&g_gen) == seen; s++) {
+            if ((s & 255) == 255 && now_ns() > until) break;
+            cpu_relax();
+        }
+        pthread_mutex_lock(&g_mu);
+        while (!(g_job && g_job->gen != seen && id < g_threads - 1)) {
+            seen = g_job ? g_job->gen : atomic_load(&g_gen);  /* nothing for us up to here */
+            pthread_cond_wait(&g_wake, &g_mu);
+        }
+        job_t* j = g_job;
+        seen = j->gen;
+        j->active++;
+        pthread_mutex_unlock(&g_mu);
+        run_chunks(j);
+        pthread_mutex_lock(&g_mu);
+        if (--j->active == 0) pthread_cond_signal(&g_idle);
+        pthread_mutex_unlock(&g_mu);
+    }
+    return NULL;
+}
+
+/* start workers up to n - 1; call with g_mu held */
+static void set_threads_locked(int n) {
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    g_threads = n;
+    while (g_started < n - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &attr, worker, (void*)(intptr_t)g_started);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;  /* fewer threads, same results */
+        g_started++;
+    }
+}
+
+static void run_job(chunk_fn fn, const qmm_args* a, int64_t n) {
+    pthread_mutex_lock(&g_call_mu);  /* one job at a time, whichever thread calls */
+    pthread_mutex_lock(&g_mu);
+    if (g_threads == 0) set_threads_locked((int)sysconf(_SC_NPROCESSORS_ONLN));
+    int alone = g_threads == 1 || n == 1;
+    job_t j = {fn, a, n, 0, 0, 0};
+    if (!alone) {
+        j.gen = atomic_fetch_add(&g_gen, 1) + 1;
+        g_job = &j;
+        pthread_cond_broadcast(&g_wake);
+    }
+    pthread_mutex_unlock(&g_mu);
+    run_chunks(&j);
+    if (!alone) {
+        pthread_mutex_lock(&g_mu);
+        g_job = NULL;  /* no one joins from here on; wait for chunks already claimed */
+        while (j.active > 0) pthread_cond_wait(&g_idle, &g_mu);
+        pthread_mutex_unlock(&g_mu);
+    }
+    pthread_mutex_unlock(&g_call_mu);
+}
+
+int mm_threads(void) {
+    pthread_mutex_lock(&g_mu);
+    if (g_threads == 0) set_threads_locked((int)sysconf(_SC_NPROCESSORS_ONLN));
+    int n = g_threads;
+    pthread_mutex_unlock(&g_mu);
+    return n;
+}
+
 void mm_set_threads(int n) {
-#ifdef _OPENMP
-    if (n > 0) omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
+    pthread_mutex_lock(&g_mu);
+    set_threads_locked(n);
+    pthread_mutex_unlock(&g_mu);
 }
 
 /* cblas_sgemm of the process's optimized BLAS, or NULL to keep to our own kernels */
 void mm_set_sgemm(void* fn) { g_sgemm = (sgemm_fn)fn; }
 void mm_set_gemm_min_rows(int m) { g_gemm_min_rows = m; }
 
-static void qmm_gemv(const float* x, int64_t K, const uint32_t* w, const void* sc, const void* bi, int dt,
-                     int64_t N, int gs, int bits, float* y) {
-    int64_t G = K / gs;
-    float* xsum = malloc((size_t)G * sizeof(float));
-    for (int64_t g = 0; g < G; g++) {
-        float t = 0.f;
-        for (int64_t k = g * gs; k < (g + 1) * gs; k++) t += x[k];
-        xsum[g] = t;
-    }
-    const int64_t block = 16;  /* rows per work item: even, so row pairs never straddle items */
-    int64_t nblocks = (N + block - 1) / block;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < nblocks; i++) {
-        int64_t n0 = i * block, n1 = n0 + block < N ? n0 + block : N;
-        k_gemv(x, xsum, K, w, sc, bi, dt, gs, bits, n0, n1, y);
-    }
-    free(xsum);
-}
+/* ---- the three paths ----------------------------------------------------------------------- */
+#define CHUNK_ROWS 16  /* rows per chunk: even, so the GEMV's row pairs never straddle chunks */
 
-/* one fp32 row in L1, reused by all M inputs (portable path) */
-static void qmm_rows(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* sc, const void* bi,
-                     int dt, int64_t N, int gs, int bits, float* y) {
-    int64_t G = K / gs, wpr = K * bits / 32;
-#pragma omp parallel
-    {
-        float* buf = malloc((size_t)(K + 2 * G) * sizeof(float));
-        float *s = buf + K, *b = s + G;
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            load_f32(s, sc, n * G, G, dt);
-            load_f32(b, bi, n * G, G, dt);
-            k_deq(w + n * wpr, s, b, K, gs, bits, buf);
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = k_dot(x + m * K, buf, K);
-        }
-        free(buf);
-    }
-}
+static int64_t chunks(int64_t rows) { return (rows + CHUNK_ROWS - 1) / CHUNK_ROWS; }
+static int64_t chunk_end(int64_t n0, int64_t rows) { return n0 + CHUNK_ROWS < rows ? n0 + CHUNK_ROWS : rows; }
 
-#ifdef MM_X86
-/* a few inputs (2 .. gemm_min_rows): factored GEMV over blocks of up to 4 inputs */
-static void qmm_small_avx2(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* sc,
-                           const void* bi, int dt, int64_t N, int gs, int bits, float* y) {
-    int64_t G = K / gs;
-    float* xsum = malloc((size_t)(M * G) * sizeof(float));  /* (M, G) */
-    for (int64_t i = 0; i < M * G; i++) {
+static float* group_sums(const float* x, int64_t M, int64_t K, int gs) {
+    float* xsum = malloc((size_t)(M * (K / gs)) * sizeof(float));  /* (M, G) */
+    for (int64_t i = 0; i < M * (K / gs); i++) {
         float t = 0.f;
         for (int64_t k = i * gs; k < (i + 1) * gs; k++) t += x[k];
         xsum[i] = t;
     }
-#pragma omp parallel
-    {
-        float* sb = malloc((size_t)(2 * G) * sizeof(float));
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int mr = M - m0 < 4 ? (int)(M - m0) : 4;
-#pragma omp for schedule(static)
-            for (int64_t n0 = 0; n0 < N; n0 += 16)
-                gemv_small_avx2(x + m0 * K, xsum + m0 * G, mr, K, w, sc, bi, dt, gs, bits, n0,
-                                n0 + 16 < N ? n0 + 16 : N, y + m0 * N, N, sb);
-        }
-        free(sb);
+    return xsum;
+}
+
+static void gemv_chunk(const qmm_args* a, int64_t i) {
+    int64_t n0 = i * CHUNK_ROWS;
+    k_gemv(a->x, a->xsum, a->K, a->w, a->sc, a->bi, a->dt, a->gs, a->bits, n0, chunk_end(n0, a->N), a->y);
+}
+
+/* one fp32 row in L1, reused by all M inputs (portable path) */
+static void rows_chunk(const qmm_args* a, int64_t i) {
+    int64_t K = a->K, G = K / a->gs, wpr = K * a->bits / 32, n0 = i * CHUNK_ROWS;
+    float* buf = malloc((size_t)(K + 2 * G) * sizeof(float));
+    float *s = buf + K, *b = s + G;
+    for (int64_t n = n0; n < chunk_end(n0, a->N); n++) {
+        load_f32(s, a->sc, n * G, G, a->dt);
+        load_f32(b, a->bi, n * G, G, a->dt);
+        k_deq(a->w + n * wpr, s, b, K, a->gs, a->bits, buf);
+        for (int64_t m = 0; m < a->M; m++) a->y[m * a->N + n] = k_dot(a->x + m * K, buf, K);
     }
-    free(xsum);
+    free(buf);
+}
+
+#ifdef MM_X86
+/* a few inputs (2 .. gemm_min_rows): the factored GEMV over blocks of up to 4 inputs */
+static void small_chunk(const qmm_args* a, int64_t i) {
+    int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
+    float* sb = malloc((size_t)(2 * G) * sizeof(float));
+    for (int64_t m0 = 0; m0 < a->M; m0 += 4) {
+        int mr = a->M - m0 < 4 ? (int)(a->M - m0) : 4;
+        gemv_small_avx2(a->x + m0 * a->K, a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt, a->gs, a->bits,
+                        n0, chunk_end(n0, a->N), a->y + m0 * a->N, a->N, sb);
+    }
+    free(sb);
 }
 #endif
 
-/* tiles of rows dequantized to fp32 (in parallel), each multiplied by the (threaded) BLAS */
-static void qmm_gemm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* sc, const void* bi,
-                     int dt, int64_t N, int gs, int bits, float* y) {
-    int64_t G = K / gs, wpr = K * bits / 32;
+static void dequant_chunk(const qmm_args* a, int64_t i) {
+    int64_t K = a->K, G = K / a->gs, wpr = K * a->bits / 32, r0 = i * CHUNK_ROWS;
+    float* sb = malloc((size_t)(2 * G) * sizeof(float));
+    for (int64_t r = r0; r < chunk_end(r0, a->M); r++) {  /* M holds the tile height here */
+        int64_t n = a->t0 + r;
+        load_f32(sb, a->sc, n * G, G, a->dt);
+        load_f32(sb + G, a->bi, n * G, G, a->dt);
+        k_deq(a->w + n * wpr, sb, sb + G, K, a->gs, a->bits, a->wt + r * K);
+    }
+    free(sb);
+}
+
+/* tiles of rows dequantized to fp32 by our threads, each multiplied by the (threaded) BLAS */
+static void qmm_gemm(const qmm_args* a) {
+    int64_t K = a->K, N = a->N;
     int64_t tile = TILE_BYTES / (K * 4);
-    tile = tile < 16 ? 16 : (tile / 16) * 16;
+    tile = tile < CHUNK_ROWS ? CHUNK_ROWS : (tile / CHUNK_ROWS) * CHUNK_ROWS;
     if (tile > N) tile = N;
     float* wt = malloc((size_t)(tile * K) * sizeof(float));
     for (int64_t t0 = 0; t0 < N; t0 += tile) {
         int64_t nt = t0 + tile < N ? tile : N - t0;
-#pragma omp parallel
-        {
-            float* sb = malloc((size_t)(2 * G) * sizeof(float));
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < nt; i++) {
-                int64_t n = t0 + i;
-                load_f32(sb, sc, n * G, G, dt);
-                load_f32(sb + G, bi, n * G, G, dt);
-                k_deq(w + n * wpr, sb, sb + G, K, gs, bits, wt + i * K);
-            }
-            free(sb);
-        }
-        g_sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)M, (int)nt, (int)K, 1.0f, x, (int)K, wt,
-                (int)K, 0.0f, y + t0, (int)N);
+        qmm_args d = *a;
+        d.M = nt, d.wt = wt, d.t0 = t0;
+        run_job(dequant_chunk, &d, chunks(nt));
+        g_sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)a->M, (int)nt, (int)K, 1.0f, a->x, (int)K, wt,
+                (int)K, 0.0f, a->y + t0, (int)N);
     }
     free(wt);
 }
@@ -407,16 +530,66 @@ int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* 
         K % group_size != 0 || dtype < DT_F32 || dtype > DT_BF16)
         return -1;
     pick_kernels();
-    if (M == 1)
-        qmm_gemv(x, K, w, scales, biases, dtype, N, group_size, bits, y);
+    qmm_args a = {x, NULL, M, K, N, w, scales, biases, dtype, group_size, bits, y, NULL, 0, NULL, 0, NULL};
+    int few = M < g_gemm_min_rows || !g_sgemm;
+    if (M == 1 || (few && g_simd == 2)) {
+        a.xsum = group_sums(x, M, K, group_size);
 #ifdef MM_X86
-    else if (g_simd == 2 && (M < g_gemm_min_rows || !g_sgemm))
-        qmm_small_avx2(x, M, K, w, scales, biases, dtype, N, group_size, bits, y);
+        run_job(M == 1 ? gemv_chunk : small_chunk, &a, chunks(N));
+#else
+        run_job(gemv_chunk, &a, chunks(N));
 #endif
-    else if (M < g_gemm_min_rows || !g_sgemm)
-        qmm_rows(x, M, K, w, scales, biases, dtype, N, group_size, bits, y);
-    else
-        qmm_gemm(x, M, K, w, scales, biases, dtype, N, group_size, bits, y);
+        free((void*)a.xsum);
+    } else if (few) {
+        run_job(rows_chunk, &a, chunks(N));
+    } else {
+        qmm_gemm(&a);
+    }
+    return 0;
+}
+
+static void group_chunk(const qmm_args* a, int64_t i) {
+    for (int g = 0; g < a->ngroup; i -= chunks(a->group[g].N), g++)
+        if (i < chunks(a->group[g].N)) {
+            a->inner(&a->group[g], i);
+            return;
+        }
+}
+
+/* Several matrices that share x and the format (q/k/v, gate/up): ys[i] (M, Ns[i]) = x . W_i^T.
+ * Small M runs as one job over all their rows: one call and one thread wake-up instead of three. */
+int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t* const* ws,
+                 const void* const* scs, const void* const* bis, const int64_t* Ns, int dtype, int group_size,
+                 int bits, float* const* ys) {
+    pick_kernels();
+    int few = M < g_gemm_min_rows || !g_sgemm;
+    if (count < 1 || count > 16 || !(M == 1 || (few && g_simd == 2))) {
+        for (int i = 0; i < count; i++) {
+            int rc = mm_qmm(x, M, K, ws[i], scs[i], bis[i], dtype, Ns[i], group_size, bits, ys[i]);
+            if (rc != 0) return rc;
+        }
+        return 0;
+    }
+    if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128) ||
+        K % group_size != 0 || dtype < DT_F32 || dtype > DT_BF16)
+        return -1;
+    float* xsum = group_sums(x, M, K, group_size);
+    qmm_args group[16];
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) {
+        qmm_args a = {x, xsum, M, K, Ns[i], ws[i], scs[i], bis[i], dtype, group_size, bits, ys[i], NULL, 0, NULL, 0, NULL};
+        group[i] = a;
+        total += chunks(Ns[i]);
+    }
+    qmm_args all = group[0];
+    all.group = group, all.ngroup = count;
+#ifdef MM_X86
+    all.inner = M == 1 ? gemv_chunk : small_chunk;
+#else
+    all.inner = gemv_chunk;
+#endif
+    run_job(group_chunk, &all, total);
+    free(xsum);
     return 0;
 }
 
