@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,13 @@ from mlx_mistral.load import load_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 PROMPT_TEXT = ("Explain, step by step and with examples, how a transformer language model turns a prompt "
                "into an answer: tokenization, embeddings, attention, the feed-forward layers, sampling. ") * 8
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.exists() else []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cpus"
 
 
 def mlx_folder() -> Path:
@@ -81,6 +89,31 @@ def run_llama_cpp(llm, ids: list[int], n: int) -> dict:
     return time_stream(tokens(), len(ids))
 
 
+def boundary_cost_us(reps: int = 2000) -> dict:
+    """Per-call cost of the eval boundary: a native call from Python (eval x, zero-copy view,
+    C call, result back into MLX) against the bare C call, on one small layer, single-threaded."""
+    import numpy as np
+
+    w, s, b = mx.quantize(mx.random.normal((64, 576)), group_size=64, bits=4)
+    packed = cpu.Packed(w, s, b, 64, 4)
+    x = mx.random.normal((1, 576))
+    mx.eval(x)
+    xn, y, lib = np.asarray(x), np.empty((1, 64), np.float32), cpu._library()[0]
+    bare = lambda: lib.mm_qmm(xn.ctypes.data, 1, 576, packed.w, packed.scales, packed.biases, packed.dtype,  # noqa: E731
+                              64, 64, 4, y.ctypes.data)
+    cpu.set_threads(1)
+    times = {}
+    for name, fn in (("bare_c", bare), ("from_python", lambda: packed(x)), ("mlx_op", lambda: mx.eval(
+            mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4)))):
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times[name] = (time.perf_counter() - start) / reps * 1e6
+    times["boundary_overhead"] = times["from_python"] - times["bare_c"]
+    return times
+
+
 def peers(args) -> dict:
     folder = mlx_folder()
     from mlx_lm import load as mlx_lm_load
@@ -103,6 +136,7 @@ def peers(args) -> dict:
     except ImportError:
         print("llama-cpp-python not installed: llama.cpp left out", file=sys.stderr)
 
+    load_before = os.getloadavg()[0]
     best: dict[str, dict] = {}
     for r in range(args.rounds):
         for name, run in runners.items():
@@ -116,7 +150,13 @@ def peers(args) -> dict:
         for res in best.values():
             res["prefill_vs_llama_cpp"] = res["prefill_tps"] / ref["prefill_tps"]
             res["decode_vs_llama_cpp"] = res["decode_tps"] / ref["decode_tps"]
+    boundary = boundary_cost_us()
+    cpu.set_threads(args.threads)
+    calls = sum(1 for m in ours.modules() if isinstance(m, cpu.NativeQuantizedLinear) and
+                (not m._siblings or m._siblings[1] == 0)) + 1  # sibling groups call once; + the head
     return {"model": "SmolLM2-135M-Instruct", "format": "MLX affine 4-bit g64 (llama.cpp: Q4_1 GGUF)",
+            "load_average_before_after": [load_before, os.getloadavg()[0]],
+            "native_calls_per_decode_token": calls, "call_cost_us": boundary,
             "prompt_tokens": len(ids), "decode_tokens": args.decode, "threads": args.threads,
             "rounds": args.rounds, "kernels": cpu.describe(), "layers_on_native_kernels": swapped,
             "results": best}
@@ -137,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{title}, {report['prompt_tokens']}-token prompt, {report['threads']} threads")
-    fig.suptitle(f"{report['model']} on CPU ({platform.processor() or platform.machine()})")
+    fig.suptitle(f"{report['model']} on CPU ({report['machine']}, load average {report['load_average_before_after'][0]:.1f})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -154,7 +194,7 @@ def big(args) -> dict:
     res["gb_per_s"] = read * res["decode_tps"] / 1e9
     print(f"{args.big}: decode {res['decode_tps']:.2f} tok/s, {res['gb_per_s']:.1f} GB/s of weights "
           f"({read / 1e9:.2f} GB per token); prefill {res['prefill_tps']:.1f} tok/s")
-    return {"model": str(args.big), "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
+    return {"model": str(args.big), "load_average_after": os.getloadavg()[0], "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
             "threads": args.threads, "kernels": cpu.describe(), "layers_on_native_kernels": swapped, **res}
 
 
@@ -167,12 +207,14 @@ def main() -> None:
     parser.add_argument("--big", type=Path, help="a large MLX 4-bit folder: decode tok/s and GB/s only")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"machine": platform.processor() or platform.machine(), "mlx": mx.__version__}
+    report = {"machine": cpu_name(), "mlx": mx.__version__}
     if args.big:
         report.update(big(args))
         (RESULTS / "big_model.json").write_text(json.dumps(report, indent=2))
         return
     report.update(peers(args))
+    print(f"native calls per decoded token: {report['native_calls_per_decode_token']}, per-call cost (us): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in report["call_cost_us"].items()))
     (RESULTS / "cpu_peers.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / "cpu_peers.png")
     print(json.dumps(report["results"], indent=2))

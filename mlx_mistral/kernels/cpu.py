@@ -20,6 +20,7 @@ import importlib.util
 import os
 import platform
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -131,16 +132,21 @@ def supports(group_size: int, bits: int) -> bool:
 
 
 class Packed:
-    """Raw pointers to one quantized matrix (N, K); the numpy views keep the MLX buffers alive."""
+    """Raw pointers to one quantized matrix (N, K). With `hold`, numpy views keep the MLX buffers
+    alive for as long as this object; without, whoever made it must keep the arrays alive."""
 
-    def __init__(self, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+    def __init__(self, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                 hold: bool = True):
         if scales.dtype not in DTYPE_CODES or biases.dtype != scales.dtype or w.dtype != mx.uint32:
             raise ValueError(f"unsupported quantized matrix: w {w.dtype}, scales {scales.dtype}, biases {biases.dtype}")
         mx.eval(w, scales, biases)
         as_bits = (lambda a: a) if scales.dtype == mx.float32 else (lambda a: a.view(mx.uint16))  # zero-copy
-        self.views = [np.ascontiguousarray(np.asarray(w)), np.ascontiguousarray(np.asarray(as_bits(scales))),
-                      np.ascontiguousarray(np.asarray(as_bits(biases)))]
-        self.w, self.scales, self.biases = (v.ctypes.data for v in self.views)
+        views = [np.ascontiguousarray(np.asarray(w)), np.ascontiguousarray(np.asarray(as_bits(scales))),
+                 np.ascontiguousarray(np.asarray(as_bits(biases)))]
+        if not hold and any(v.base is None for v in views):
+            raise ValueError("quantized matrix is not contiguous")  # the copy would not outlive this call
+        self.views = views if hold else None
+        self.w, self.scales, self.biases = (v.ctypes.data for v in views)
         self.dtype = DTYPE_CODES[scales.dtype]
         self.N = w.shape[0]
         self.K = w.shape[1] * 32 // bits
@@ -213,6 +219,28 @@ class Siblings:
         self.x, self.pending = x, {i: to_mlx(y, x) for i, y in enumerate(ys)}
 
 
+class _PackedCache:
+    """Pointers of matrices the functional API has seen, dropped when their arrays are freed
+    (weak references: the cache never keeps a model's weights alive)."""
+
+    def __init__(self):
+        self.entries: dict[tuple[int, int, int], tuple[list, Packed]] = {}
+
+    def get(self, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> Packed:
+        key = (id(w), id(scales), id(biases))
+        entry = self.entries.get(key)
+        if entry and all(r() is a for r, a in zip(entry[0], (w, scales, biases))) and \
+                (entry[1].group_size, entry[1].bits) == (group_size, bits):
+            return entry[1]
+        packed = Packed(w, scales, biases, group_size, bits, hold=False)
+        drop = lambda _ref, key=key: self.entries.pop(key, None)  # noqa: E731
+        self.entries[key] = ([weakref.ref(a, drop) for a in (w, scales, biases)], packed)
+        return packed
+
+
+_PACKED = _PackedCache()
+
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
                      bits: int) -> mx.array:
     """`mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)` on the native kernels
@@ -221,7 +249,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
         if not available():
             _warn_slow_path(_library()[1])
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
-    return Packed(w, scales, biases, group_size, bits)(x)
+    return _PACKED.get(w, scales, biases, group_size, bits)(x)
 
 
 def gate_up_silu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
@@ -233,7 +261,7 @@ def gate_up_silu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *
         gu = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
         g, u = mx.split(gu, 2, axis=-1)  # (..., F) each
         return nn.silu(g) * u
-    return Packed(w, scales, biases, group_size, bits)(x, gate_up_silu=True)
+    return _PACKED.get(w, scales, biases, group_size, bits)(x, gate_up_silu=True)
 
 
 # ---- swapping a model's quantized layers onto the kernels --------------------------------------
