@@ -156,7 +156,7 @@ class Packed:
         """x (..., K) -> (..., N), or (..., N/2) with the SwiGLU of [gate; up] applied."""
         xn = self.host_input(x)  # (M, K)
         n_out = self.N // 2 if gate_up_silu else self.N
-        y = np.empty((xn.shape[0], n_out), np.float32)  # (M, n_out)
+        y = np.empty((*x.shape[:-1], n_out), np.float32)  # (..., n_out): no reshape in MLX afterwards
         fn = _library()[0].mm_gate_up_silu if gate_up_silu else _library()[0].mm_qmm
         rc = fn(xn.ctypes.data, xn.shape[0], self.K, self.w, self.scales, self.biases, self.dtype, n_out,
                 self.group_size, self.bits, y.ctypes.data)
@@ -174,8 +174,8 @@ class Packed:
 
 
 def to_mlx(y: np.ndarray, like: mx.array) -> mx.array:
-    """(M, N) host result -> MLX array shaped (..., N) and typed like the input."""
-    out = mx.array(y).reshape(*like.shape[:-1], y.shape[-1])
+    """(..., N) host result -> MLX array typed like the input."""
+    out = mx.array(y)
     return out if like.dtype == mx.float32 else out.astype(like.dtype)
 
 
@@ -210,7 +210,7 @@ class Siblings:
 
     def compute(self, x: mx.array) -> None:
         xn = self.packs[0].host_input(x)  # (M, K)
-        ys = [np.empty((xn.shape[0], p.N), np.float32) for p in self.packs]  # (M, N_i) each
+        ys = [np.empty((*x.shape[:-1], p.N), np.float32) for p in self.packs]  # (..., N_i) each
         y_ptrs = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
         rc = _library()[0].mm_qmm_multi(xn.ctypes.data, xn.shape[0], self.K, len(ys), self.ws, self.scs, self.bis,
                                         self.Ns, self.dtype, self.group_size, self.bits, y_ptrs)

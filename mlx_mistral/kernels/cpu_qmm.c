@@ -310,6 +310,7 @@ int mm_simd(void) {
  */
 #define SPIN_NS 100000
 #define MAX_THREADS 256
+#define MIN_SHARED_BYTES (96 << 10)  /* below this a job is shorter than waking a sleeping worker */
 
 typedef struct qmm_args {
     const float* x;
@@ -404,11 +405,12 @@ static void set_threads_locked(int n) {
     }
 }
 
-static void run_job(chunk_fn fn, const qmm_args* a, int64_t n) {
+/* n chunks over `bytes` of packed weights; small jobs run on the caller alone */
+static void run_job(chunk_fn fn, const qmm_args* a, int64_t n, int64_t bytes) {
     pthread_mutex_lock(&g_call_mu);  /* one job at a time, whichever thread calls */
     pthread_mutex_lock(&g_mu);
     if (g_threads == 0) set_threads_locked((int)sysconf(_SC_NPROCESSORS_ONLN));
-    int alone = g_threads == 1 || n == 1;
+    int alone = g_threads == 1 || n == 1 || bytes < MIN_SHARED_BYTES;
     job_t j = {fn, a, n, 0, 0, 0};
     if (!alone) {
         j.gen = atomic_fetch_add(&g_gen, 1) + 1;
@@ -516,7 +518,7 @@ static void qmm_gemm(const qmm_args* a) {
         int64_t nt = t0 + tile < N ? tile : N - t0;
         qmm_args d = *a;
         d.M = nt, d.wt = wt, d.t0 = t0;
-        run_job(dequant_chunk, &d, chunks(nt));
+        run_job(dequant_chunk, &d, chunks(nt), nt * K * a->bits / 8);
         g_sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)a->M, (int)nt, (int)K, 1.0f, a->x, (int)K, wt,
                 (int)K, 0.0f, a->y + t0, (int)N);
     }
@@ -535,13 +537,13 @@ int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* 
     if (M == 1 || (few && g_simd == 2)) {
         a.xsum = group_sums(x, M, K, group_size);
 #ifdef MM_X86
-        run_job(M == 1 ? gemv_chunk : small_chunk, &a, chunks(N));
+        run_job(M == 1 ? gemv_chunk : small_chunk, &a, chunks(N), N * K * bits / 8);
 #else
-        run_job(gemv_chunk, &a, chunks(N));
+        run_job(gemv_chunk, &a, chunks(N), N * K * bits / 8);
 #endif
         free((void*)a.xsum);
     } else if (few) {
-        run_job(rows_chunk, &a, chunks(N));
+        run_job(rows_chunk, &a, chunks(N), N * K * bits / 8);
     } else {
         qmm_gemm(&a);
     }
@@ -575,8 +577,9 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
         return -1;
     float* xsum = group_sums(x, M, K, group_size);
     qmm_args group[16];
-    int64_t total = 0;
+    int64_t total = 0, bytes = 0;
     for (int i = 0; i < count; i++) {
+        bytes += Ns[i] * K * bits / 8;
         qmm_args a = {x, xsum, M, K, Ns[i], ws[i], scs[i], bis[i], dtype, group_size, bits, ys[i], NULL, 0, NULL, 0, NULL};
         group[i] = a;
         total += chunks(Ns[i]);
@@ -588,7 +591,7 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
 #else
     all.inner = gemv_chunk;
 #endif
-    run_job(group_chunk, &all, total);
+    run_job(group_chunk, &all, total, bytes);
     free(xsum);
     return 0;
 }
