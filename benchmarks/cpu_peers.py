@@ -7,15 +7,18 @@ The same prompt ids go to every runtime; runtimes alternate within each round an
 round counts. mlx-mistral and mlx-lm load the same MLX 4-bit g64 folder (converted once from the
 fp32 HF checkpoint with mlx_lm.convert); llama.cpp runs the original Q4_1 GGUF. Prefill tok/s is
 prompt length over time to first token; decode tok/s counts the tokens after it.
-Writes benchmarks/results/cpu/cpu_peers.json and .png (or big_model.json for --big).
+Writes benchmarks/results/cpu/cpu_peers.json and .png (cpu_peers_Nthread.* for other thread
+counts; big_model.json for --big).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,7 +82,35 @@ def run_mlx_lm(model, tokenizer, ids: list[int], n: int) -> dict:
     return {"prefill_tps": last.prompt_tps, "decode_tps": last.generation_tps}
 
 
-def run_llama_cpp(llm, ids: list[int], n: int) -> dict:
+def run_llama_cpp(ids: list[int], n: int, threads: int) -> dict:
+    """llama.cpp in a child process: its thread pool stays out of ours, and a crash in it costs
+    only its own column."""
+    code = ("import json, sys; sys.path.insert(0, %r); import cpu_peers; "
+            "print(json.dumps(cpu_peers.llama_cpp_child(json.loads(sys.argv[1]), %d, %d)))"
+            % (str(Path(__file__).resolve().parent), n, threads))
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"llama.cpp exited with {run.returncode}: {run.stderr.strip()[-300:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_child(ids: list[int], n: int, threads: int) -> dict:
+    import llama_cpp.llama_cpp as lc
+    from llama_cpp import Llama
+
+    # no "extra buffer types" (weight repacking / AMX): on this VM, which lists AMX, ggml's AMX path
+    # crashes in llama_decode; Q4_1 is not repacked for AVX2/AVX-512 anyway
+    defaults = lc.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lc.llama_model_default_params = model_params
+    llm = Llama(model_path=str(fixtures.smollm2_gguf()), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+
     def tokens():
         for i, t in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
             yield t
@@ -127,20 +158,23 @@ def peers(args) -> dict:
         "mlx-mistral (native kernels)": lambda: run_mlx_mistral(ours, ids, args.decode),
         "mlx-lm": lambda: run_mlx_lm(lm_model, lm_tok, ids, args.decode),
     }
-    try:
-        from llama_cpp import Llama
-
-        llm = Llama(model_path=str(fixtures.smollm2_gguf()), n_ctx=1024, n_threads=args.threads,
-                    n_threads_batch=args.threads, verbose=False)
-        runners["llama.cpp"] = lambda: run_llama_cpp(llm, ids, args.decode)
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp"):
+        runners["llama.cpp"] = lambda: run_llama_cpp(ids, args.decode, args.threads)
+    else:
         print("llama-cpp-python not installed: llama.cpp left out", file=sys.stderr)
 
     load_before = os.getloadavg()[0]
     best: dict[str, dict] = {}
+    failures = {}
     for r in range(args.rounds):
-        for name, run in runners.items():
-            res = run()
+        for name, run in list(runners.items()):
+            try:
+                res = run()
+            except RuntimeError as e:  # a peer that fails is reported, not fatal
+                print(f"round {r + 1} {name}: {e}", file=sys.stderr)
+                failures[name] = str(e)
+                del runners[name]
+                continue
             print(f"round {r + 1} {name:30s} prefill {res['prefill_tps']:8.1f} tok/s  decode {res['decode_tps']:7.1f} tok/s",
                   flush=True)
             for key, value in res.items():
@@ -159,7 +193,7 @@ def peers(args) -> dict:
             "native_calls_per_decode_token": calls, "call_cost_us": boundary,
             "prompt_tokens": len(ids), "decode_tokens": args.decode, "threads": args.threads,
             "rounds": args.rounds, "kernels": cpu.describe(), "layers_on_native_kernels": swapped,
-            "results": best}
+            "results": best, "failed": failures}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -215,8 +249,9 @@ def main() -> None:
     report.update(peers(args))
     print(f"native calls per decoded token: {report['native_calls_per_decode_token']}, per-call cost (us): "
           + ", ".join(f"{k} {v:.1f}" for k, v in report["call_cost_us"].items()))
-    (RESULTS / "cpu_peers.json").write_text(json.dumps(report, indent=2))
-    plot(report, RESULTS / "cpu_peers.png")
+    name = "cpu_peers" if args.threads == 2 else f"cpu_peers_{args.threads}thread"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, RESULTS / f"{name}.png")
     print(json.dumps(report["results"], indent=2))
 
 
