@@ -27,6 +27,7 @@ class OptionalNativeBuild(build_ext):
 
 
 setup(
-    ext_modules=[Extension("mlx_mistral.kernels._cpu_qmm", sources=["mlx_mistral/kernels/cpu_qmm.c"])],
+    ext_modules=[Extension("mlx_mistral.kernels._cpu_qmm", sources=["mlx_mistral/kernels/cpu_qmm.c"],
+                           depends=["mlx_mistral/kernels/cpu_pool.h"])],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

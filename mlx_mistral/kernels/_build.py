@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("cpu_qmm.c")
+HEADERS = [Path(__file__).with_name("cpu_pool.h")]  # included by SOURCE
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 
 
 def source_hash() -> str:
     """Names a build of this exact source (the library reports it back, so stale builds are skipped)."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for path in (SOURCE, *HEADERS):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def compiler() -> Optional[str]:

@@ -9,7 +9,7 @@
  *   M small      the same over blocks of up to 4 inputs (each dequantized vector feeds 4 FMAs);
  *                portable builds dequantize one row into L1 and take M dot products against it
  *   M large      dequantize a tile of rows to fp32 and hand it to cblas_sgemm (if one is set)
- * Rows are split over a small pool of worker threads (see "threads"). AVX2/FMA is chosen at run
+ * Rows are split over a small pool of worker threads (cpu_pool.h). AVX2/FMA is chosen at run
  * time on x86-64; elsewhere portable C that the compiler vectorizes (NEON on arm64).
  */
 #define _GNU_SOURCE  /* clock_gettime, sysconf under -std=c11 */
@@ -301,17 +301,13 @@ int mm_simd(void) {
     return g_simd;
 }
 
-/* ---- threads ----------------------------------------------------------------------------
- * A job is n chunks claimed through one atomic counter. The caller works on its own job and
- * waits only for chunks a worker has already claimed, never for a worker to show up: on a
- * busy machine a descheduled worker costs nothing, where a fork/join barrier (OpenMP) would
- * stall every call until it runs again. Workers spin briefly after a job (decode issues
- * matmuls back to back), then sleep on a condition variable.
- */
-#define SPIN_NS 100000
-#define MAX_THREADS 256
-#define MIN_SHARED_BYTES (96 << 10)  /* below this a job is shorter than waking a sleeping worker */
+#include "cpu_pool.h"
 
+/* cblas_sgemm of the process's optimized BLAS, or NULL to keep to our own kernels */
+void mm_set_sgemm(void* fn) { g_sgemm = (sgemm_fn)fn; }
+void mm_set_gemm_min_rows(int m) { g_gemm_min_rows = m; }
+
+/* ---- the three paths ----------------------------------------------------------------------- */
 typedef struct qmm_args {
     const float* x;
     const float* xsum;  /* (M, K/gs) group sums of x, for the factored GEMV */
@@ -324,129 +320,9 @@ typedef struct qmm_args {
     int64_t t0;
     const struct qmm_args* group;  /* several matrices in one job: their args, in chunk order */
     int ngroup;
-    void (*inner)(const struct qmm_args*, int64_t);
+    void (*inner)(const void*, int64_t);
 } qmm_args;
-typedef void (*chunk_fn)(const qmm_args*, int64_t);
 
-typedef struct job {
-    chunk_fn fn;
-    const qmm_args* a;
-    int64_t n;
-    atomic_llong next;
-    int active;  /* workers inside run_chunks; guarded by g_mu */
-    long gen;
-} job_t;
-
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER, g_call_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t g_wake = PTHREAD_COND_INITIALIZER, g_idle = PTHREAD_COND_INITIALIZER;
-static job_t* g_job = NULL;
-static atomic_long g_gen = 0;
-static int g_threads = 0;  /* per job, the caller included; 0 until first use */
-static int g_started = 0;  /* worker threads running */
-
-static inline void cpu_relax(void) {
-#ifdef MM_X86
-    _mm_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void run_chunks(job_t* j) {
-    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->n;) j->fn(j->a, i);
-}
-
-static void* worker(void* arg) {
-    int id = (int)(intptr_t)arg;
-    long seen = 0;
-    for (;;) {
-        int64_t until = now_ns() + SPIN_NS;
-        for (int s = 0; atomic_load(&g_gen) == seen; s++) {
-            if ((s & 255) == 255 && now_ns() > until) break;
-            cpu_relax();
-        }
-        pthread_mutex_lock(&g_mu);
-        while (!(g_job && g_job->gen != seen && id < g_threads - 1)) {
-            seen = g_job ? g_job->gen : atomic_load(&g_gen);  /* nothing for us up to here */
-            pthread_cond_wait(&g_wake, &g_mu);
-        }
-        job_t* j = g_job;
-        seen = j->gen;
-        j->active++;
-        pthread_mutex_unlock(&g_mu);
-        run_chunks(j);
-        pthread_mutex_lock(&g_mu);
-        if (--j->active == 0) pthread_cond_signal(&g_idle);
-        pthread_mutex_unlock(&g_mu);
-    }
-    return NULL;
-}
-
-/* start workers up to n - 1; call with g_mu held */
-static void set_threads_locked(int n) {
-    if (n < 1) n = 1;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    g_threads = n;
-    while (g_started < n - 1) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&t, &attr, worker, (void*)(intptr_t)g_started);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;  /* fewer threads, same results */
-        g_started++;
-    }
-}
-
-/* n chunks over `bytes` of packed weights; small jobs run on the caller alone */
-static void run_job(chunk_fn fn, const qmm_args* a, int64_t n, int64_t bytes) {
-    pthread_mutex_lock(&g_call_mu);  /* one job at a time, whichever thread calls */
-    pthread_mutex_lock(&g_mu);
-    if (g_threads == 0) set_threads_locked((int)sysconf(_SC_NPROCESSORS_ONLN));
-    int alone = g_threads == 1 || n == 1 || bytes < MIN_SHARED_BYTES;
-    job_t j = {fn, a, n, 0, 0, 0};
-    if (!alone) {
-        j.gen = atomic_fetch_add(&g_gen, 1) + 1;
-        g_job = &j;
-        pthread_cond_broadcast(&g_wake);
-    }
-    pthread_mutex_unlock(&g_mu);
-    run_chunks(&j);
-    if (!alone) {
-        pthread_mutex_lock(&g_mu);
-        g_job = NULL;  /* no one joins from here on; wait for chunks already claimed */
-        while (j.active > 0) pthread_cond_wait(&g_idle, &g_mu);
-        pthread_mutex_unlock(&g_mu);
-    }
-    pthread_mutex_unlock(&g_call_mu);
-}
-
-int mm_threads(void) {
-    pthread_mutex_lock(&g_mu);
-    if (g_threads == 0) set_threads_locked((int)sysconf(_SC_NPROCESSORS_ONLN));
-    int n = g_threads;
-    pthread_mutex_unlock(&g_mu);
-    return n;
-}
-
-void mm_set_threads(int n) {
-    pthread_mutex_lock(&g_mu);
-    set_threads_locked(n);
-    pthread_mutex_unlock(&g_mu);
-}
-
-/* cblas_sgemm of the process's optimized BLAS, or NULL to keep to our own kernels */
-void mm_set_sgemm(void* fn) { g_sgemm = (sgemm_fn)fn; }
-void mm_set_gemm_min_rows(int m) { g_gemm_min_rows = m; }
-
-/* ---- the three paths ----------------------------------------------------------------------- */
 #define CHUNK_ROWS 16  /* rows per chunk: even, so the GEMV's row pairs never straddle chunks */
 
 static int64_t chunks(int64_t rows) { return (rows + CHUNK_ROWS - 1) / CHUNK_ROWS; }
@@ -462,13 +338,15 @@ static float* group_sums(const float* x, int64_t M, int64_t K, int gs) {
     return xsum;
 }
 
-static void gemv_chunk(const qmm_args* a, int64_t i) {
+static void gemv_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
     int64_t n0 = i * CHUNK_ROWS;
     k_gemv(a->x, a->xsum, a->K, a->w, a->sc, a->bi, a->dt, a->gs, a->bits, n0, chunk_end(n0, a->N), a->y);
 }
 
 /* one fp32 row in L1, reused by all M inputs (portable path) */
-static void rows_chunk(const qmm_args* a, int64_t i) {
+static void rows_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
     int64_t K = a->K, G = K / a->gs, wpr = K * a->bits / 32, n0 = i * CHUNK_ROWS;
     float* buf = malloc((size_t)(K + 2 * G) * sizeof(float));
     float *s = buf + K, *b = s + G;
@@ -483,7 +361,8 @@ static void rows_chunk(const qmm_args* a, int64_t i) {
 
 #ifdef MM_X86
 /* a few inputs (2 .. gemm_min_rows): the factored GEMV over blocks of up to 4 inputs */
-static void small_chunk(const qmm_args* a, int64_t i) {
+static void small_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
     int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
     float* sb = malloc((size_t)(2 * G) * sizeof(float));
     for (int64_t m0 = 0; m0 < a->M; m0 += 4) {
@@ -495,7 +374,8 @@ static void small_chunk(const qmm_args* a, int64_t i) {
 }
 #endif
 
-static void dequant_chunk(const qmm_args* a, int64_t i) {
+static void dequant_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
     int64_t K = a->K, G = K / a->gs, wpr = K * a->bits / 32, r0 = i * CHUNK_ROWS;
     float* sb = malloc((size_t)(2 * G) * sizeof(float));
     for (int64_t r = r0; r < chunk_end(r0, a->M); r++) {  /* M holds the tile height here */
@@ -550,7 +430,8 @@ int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* 
     return 0;
 }
 
-static void group_chunk(const qmm_args* a, int64_t i) {
+static void group_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
     for (int g = 0; g < a->ngroup; i -= chunks(a->group[g].N), g++)
         if (i < chunks(a->group[g].N)) {
             a->inner(&a->group[g], i);
