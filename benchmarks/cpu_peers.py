@@ -1,0 +1,261 @@
+"""CPU peers: mlx-mistral on its native kernels vs mlx-lm vs llama.cpp, SmolLM2-135M real weights.
+
+    python benchmarks/cpu_peers.py [--prompt 128] [--decode 64] [--threads 2] [--rounds 2]
+    python benchmarks/cpu_peers.py --big /work/big/mistral-small-3-q4   # 24B shape: decode GB/s
+
+The same prompt ids go to every runtime; runtimes alternate within each round and the best
+round counts. mlx-mistral and mlx-lm load the same MLX 4-bit g64 folder (converted once from the
+fp32 HF checkpoint with mlx_lm.convert); llama.cpp runs the original Q4_1 GGUF. Prefill tok/s is
+prompt length over time to first token; decode tok/s counts the tokens after it.
+Writes benchmarks/results/cpu/cpu_peers.json and .png (cpu_peers_Nthread.* for other thread
+counts; big_model.json for --big).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/fixtures.py
+
+import mlx_mistral  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+import fixtures  # noqa: E402
+from mlx_mistral.generate import generate_step  # noqa: E402
+from mlx_mistral.kernels import cpu  # noqa: E402
+from mlx_mistral.load import load_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+PROMPT_TEXT = ("Explain, step by step and with examples, how a transformer language model turns a prompt "
+               "into an answer: tokenization, embeddings, attention, the feed-forward layers, sampling. ") * 8
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.exists() else []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cpus"
+
+
+def mlx_folder() -> Path:
+    """SmolLM2 as an MLX 4-bit group-64 folder, converted once next to the HF fixture."""
+    out = fixtures.CACHE / "smollm2-mlx-q4g64"
+    if not (out / "config.json").exists():
+        from mlx_lm import convert
+
+        convert(str(fixtures.smollm2_hf()), str(out), quantize=True, q_group_size=64, q_bits=4)
+    return out
+
+
+def time_stream(tokens, n_prompt: int) -> dict:
+    """Prefill/decode rates from a generator of tokens whose first item ends the prefill, and the
+    process CPU time per decoded token (all threads; on a busy machine it shows the work done)."""
+    start = time.perf_counter()
+    first = first_cpu = None
+    count = 0
+    for _ in tokens:
+        count += 1
+        if first is None:
+            first, first_cpu = time.perf_counter(), time.process_time()
+    end, end_cpu = time.perf_counter(), time.process_time()
+    return {"prefill_tps": n_prompt / (first - start), "decode_tps": (count - 1) / (end - first),
+            "decode_cpu_ms_per_token": (end_cpu - first_cpu) / (count - 1) * 1e3}
+
+
+def run_mlx_mistral(model, ids: list[int], n: int) -> dict:
+    return time_stream((t for t, _ in generate_step(mx.array(ids), model, max_tokens=n)), len(ids))
+
+
+def run_mlx_lm(model, tokenizer, ids: list[int], n: int) -> dict:
+    from mlx_lm.generate import stream_generate
+
+    return time_stream(stream_generate(model, tokenizer, ids, max_tokens=n), len(ids))
+
+
+def run_llama_cpp(ids: list[int], n: int, threads: int) -> dict:
+    """llama.cpp in a child process: its thread pool stays out of ours, and a crash in it costs
+    only its own column."""
+    code = ("import json, sys; sys.path.insert(0, %r); import cpu_peers; "
+            "print(json.dumps(cpu_peers.llama_cpp_child(json.loads(sys.argv[1]), %d, %d)))"
+            % (str(Path(__file__).resolve().parent), n, threads))
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"llama.cpp exited with {run.returncode}: {run.stderr.strip()[-300:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_child(ids: list[int], n: int, threads: int) -> dict:
+    import llama_cpp.llama_cpp as lc
+    from llama_cpp import Llama
+
+    # no "extra buffer types" (weight repacking / AMX): on this VM, which lists AMX, ggml's AMX path
+    # crashes in llama_decode; Q4_1 is not repacked for AVX2/AVX-512 anyway
+    defaults = lc.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lc.llama_model_default_params = model_params
+    llm = Llama(model_path=str(fixtures.smollm2_gguf()), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+
+    def tokens():
+        for i, t in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+            yield t
+            if i + 1 == n:
+                return
+
+    return time_stream(tokens(), len(ids))
+
+
+def boundary_cost_us(reps: int = 2000) -> dict:
+    """Per-call cost of the eval boundary: a native call from Python (eval x, zero-copy view,
+    C call, result back into MLX) against the bare C call, on one small layer, single-threaded."""
+    import numpy as np
+
+    w, s, b = mx.quantize(mx.random.normal((64, 576)), group_size=64, bits=4)
+    packed = cpu.Packed(w, s, b, 64, 4)
+    x = mx.random.normal((1, 576))
+    mx.eval(x)
+    xn, y, lib = np.asarray(x), np.empty((1, 64), np.float32), cpu._library()[0]
+    bare = lambda: lib.mm_qmm(xn.ctypes.data, 1, 576, packed.w, packed.scales, packed.biases, packed.dtype,  # noqa: E731
+                              64, 64, 4, y.ctypes.data)
+    cpu.set_threads(1)
+    times = {}
+    for name, fn in (("bare_c", bare), ("from_python", lambda: packed(x)), ("mlx_op", lambda: mx.eval(
+            mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4)))):
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times[name] = (time.perf_counter() - start) / reps * 1e6
+    times["boundary_overhead"] = times["from_python"] - times["bare_c"]
+    return times
+
+
+def peers(args) -> dict:
+    folder = mlx_folder()
+    from mlx_lm import load as mlx_lm_load
+
+    lm_model, lm_tok = mlx_lm_load(str(folder))
+    ids = lm_tok.encode(PROMPT_TEXT)[: args.prompt]
+    ours = load_model(folder)
+    swapped = cpu.use_native_kernels(ours)
+    cpu.set_threads(args.threads)
+    runners = {
+        "mlx-mistral (native kernels)": lambda: run_mlx_mistral(ours, ids, args.decode),
+        "mlx-lm": lambda: run_mlx_lm(lm_model, lm_tok, ids, args.decode),
+    }
+    if importlib.util.find_spec("llama_cpp"):
+        runners["llama.cpp"] = lambda: run_llama_cpp(ids, args.decode, args.threads)
+    else:
+        print("llama-cpp-python not installed: llama.cpp left out", file=sys.stderr)
+
+    load_before = os.getloadavg()[0]
+    best: dict[str, dict] = {}
+    failures = {}
+    for r in range(args.rounds):
+        for name, run in list(runners.items()):
+            try:
+                res = run()
+            except RuntimeError as e:  # a peer that fails is reported, not fatal
+                print(f"round {r + 1} {name}: {e}", file=sys.stderr)
+                failures[name] = str(e)
+                del runners[name]
+                continue
+            print(f"round {r + 1} {name:30s} prefill {res['prefill_tps']:8.1f} tok/s  decode {res['decode_tps']:7.1f} tok/s",
+                  flush=True)
+            kept = best.setdefault(name, {})
+            for key, value in res.items():  # best round: highest rate, least CPU
+                pick = min if key.endswith("per_token") else max
+                kept[key] = pick(kept[key], value) if key in kept else value
+    if "llama.cpp" in best:
+        ref = best["llama.cpp"]
+        for res in best.values():
+            res["prefill_vs_llama_cpp"] = res["prefill_tps"] / ref["prefill_tps"]
+            res["decode_vs_llama_cpp"] = res["decode_tps"] / ref["decode_tps"]
+    boundary = boundary_cost_us()
+    cpu.set_threads(args.threads)
+    calls = sum(1 for m in ours.modules() if isinstance(m, cpu.NativeQuantizedLinear) and
+                (not m._siblings or m._siblings[1] == 0)) + 1  # sibling groups call once; + the head
+    return {"model": "SmolLM2-135M-Instruct", "format": "MLX affine 4-bit g64 (llama.cpp: Q4_1 GGUF)",
+            "load_average_before_after": [load_before, os.getloadavg()[0]],
+            "native_calls_per_decode_token": calls, "call_cost_us": boundary,
+            "prompt_tokens": len(ids), "decode_tokens": args.decode, "threads": args.threads,
+            "rounds": args.rounds, "kernels": cpu.describe(), "layers_on_native_kernels": swapped,
+            "results": best, "failed": failures}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("prefill_tps", "decode_tps"), ("prefill", "decode")):
+        values = [report["results"][n][key] for n in names]
+        bars = ax.bar(range(len(names)), values, color=["tab:orange", "tab:gray", "tab:blue"][: len(names)])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{title}, {report['prompt_tokens']}-token prompt, {report['threads']} threads")
+    fig.suptitle(f"{report['model']} on CPU ({report['machine']}, load average {report['load_average_before_after'][0]:.1f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def big(args) -> dict:
+    """Decode rate of a large model folder and the weight bandwidth it implies."""
+    model = load_model(args.big)
+    swapped = cpu.use_native_kernels(model)
+    cpu.set_threads(args.threads)
+    # bytes read per decoded token: every matrix except the embedding table (one row of it)
+    read = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "embed_tokens" not in k)
+    ids = list(range(1000, 1000 + args.prompt))
+    res = run_mlx_mistral(model, ids, args.decode)
+    res["gb_per_s"] = read * res["decode_tps"] / 1e9
+    res["gb_per_cpu_s"] = read / (res["decode_cpu_ms_per_token"] / 1e3) / 1e9
+    print(f"{args.big}: decode {res['decode_tps']:.2f} tok/s, {res['gb_per_s']:.1f} GB/s of weights "
+          f"({read / 1e9:.2f} GB per token); prefill {res['prefill_tps']:.1f} tok/s")
+    return {"model": str(args.big), "load_average_after": os.getloadavg()[0], "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
+            "threads": args.threads, "kernels": cpu.describe(), "layers_on_native_kernels": swapped, **res}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--big", type=Path, help="a large MLX 4-bit folder: decode tok/s and GB/s only")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"machine": cpu_name(), "mlx": mx.__version__}
+    if args.big:
+        report.update(big(args))
+        (RESULTS / "big_model.json").write_text(json.dumps(report, indent=2))
+        return
+    report.update(peers(args))
+    print(f"native calls per decoded token: {report['native_calls_per_decode_token']}, per-call cost (us): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in report["call_cost_us"].items()))
+    name = "cpu_peers" if args.threads == 2 else f"cpu_peers_{args.threads}thread"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, RESULTS / f"{name}.png")
+    print(json.dumps(report["results"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Native CPU kernels for MLX's affine quantized matmul (4/8-bit, groups 32/64/128).
+
+MLX's CPU backend runs quantized matmul as scalar loops (~40x slower than llama.cpp here). These
+kernels (cpu_qmm.c: AVX2/FMA GEMV for decode, dequantized tiles + the process's optimized BLAS for
+prefill, rows over all cores) read the packed weights in place through zero-copy numpy views.
+
+Layers fed the same input (q/k/v, gate/up) run as one call on their own weights, with no
+concatenated copy (`Siblings`).
+
+The price of calling C without an MLX primitive: every call is an eval boundary. The pending
+graph producing `x` is evaluated, the C kernel runs at once, and its result comes back as a new
+(small) MLX array: ~15 us of Python and two thread hand-offs per call (121 calls per SmolLM2
+token), and results nobody reads are still computed, which is why the tied output head keeps
+MLX's lazy op for multi-token inputs (prefill chunks never read their logits).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import platform
+import warnings
+import weakref
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map_with_path
+
+from . import _build
+
+GROUP_SIZES = (32, 64, 128)
+BITS = (4, 8)
+DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # as cpu_qmm.c numbers them
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers fed the same input
+HEAD_NATIVE_MAX_ROWS = 8  # see module docstring: wider calls of the tied head stay lazy in MLX
+
+_QMM_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+             ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("MLX_MISTRAL_KERNEL_CACHE", Path(root) / "mlx-mistral" / "kernels"))
+
+
+def _open(path: Path) -> Optional[ctypes.CDLL]:
+    """The library at `path` if it loads and was built from this exact source."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.mm_source_hash.restype = ctypes.c_char_p
+    return lib if lib.mm_source_hash().decode() == _build.source_hash() else None
+
+
+def _sgemm_address() -> Optional[int]:
+    """cblas_sgemm of an optimized BLAS already in the process (OpenBLAS, Accelerate), if any."""
+    from .. import _blas
+
+    candidates = [_blas.preload()]
+    if platform.system() == "Darwin":
+        candidates.append("/System/Library/Frameworks/Accelerate.framework/Accelerate")
+    for path in filter(None, candidates):
+        try:
+            return ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@functools.cache
+def _library() -> tuple[Optional[ctypes.CDLL], str]:
+    """(library, how it was found) or (None, why not). Built here on first use if need be."""
+    if os.environ.get("MLX_MISTRAL_CPU_KERNELS") == "0":
+        return None, "disabled by MLX_MISTRAL_CPU_KERNELS=0"
+    spec = importlib.util.find_spec("mlx_mistral.kernels._cpu_qmm")  # built by `pip install`
+    lib = _open(Path(spec.origin)) if spec and spec.origin else None
+    where = "built at install"
+    if lib is None:
+        cached = _cache_dir() / f"cpu_qmm-{_build.source_hash()}-{platform.machine()}.so"
+        if not cached.exists():
+            failure = _build.compile_library(cached)
+            if failure:
+                return None, failure
+        lib = _open(cached)
+        where = f"built into {cached.parent}"
+        if lib is None:
+            return None, f"{cached} does not load"
+    lib.mm_qmm.argtypes = _QMM_ARGS
+    lib.mm_gate_up_silu.argtypes = _QMM_ARGS
+    lib.mm_qmm_multi.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_void_p]
+    lib.mm_set_sgemm.argtypes = [ctypes.c_void_p]
+    lib.mm_set_sgemm(_sgemm_address())
+    return lib, where
+
+
+def available() -> bool:
+    """True when the native library is built and loads on this machine."""
+    return _library()[0] is not None
+
+
+def describe() -> str:
+    """One phrase for --verbose output and benchmarks."""
+    lib, how = _library()
+    if lib is None:
+        return f"MLX's own quantized matmul (native CPU kernels unavailable: {how})"
+    simd = {2: "AVX2/FMA"}.get(lib.mm_simd(), "portable C")
+    return f"native CPU kernels ({simd}, {lib.mm_threads()} threads, {how})"
+
+
+def set_threads(n: int) -> None:
+    """Threads the native kernels use (default: all cores)."""
+    lib = _library()[0]
+    if lib is not None:
+        lib.mm_set_threads(int(n))
+
+
+@functools.cache
+def _warn_slow_path(why: str) -> None:
+    # cached: the warning is given once per reason, not once per matmul
+    warnings.warn(f"mlx-mistral runs quantized matmuls on MLX's slow CPU path: {why}", RuntimeWarning, stacklevel=3)
+
+
+def supports(group_size: int, bits: int) -> bool:
+    return available() and group_size in GROUP_SIZES and bits in BITS
+
+
+class Packed:
+    """Raw pointers to one quantized matrix (N, K). With `hold`, numpy views keep the MLX buffers
+    alive for as long as this object; without, whoever made it must keep the arrays alive."""
+
+    def __init__(self, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                 hold: bool = True):
+        if scales.dtype not in DTYPE_CODES or biases.dtype != scales.dtype or w.dtype != mx.uint32:
+            raise ValueError(f"unsupported quantized matrix: w {w.dtype}, scales {scales.dtype}, biases {biases.dtype}")
+        mx.eval(w, scales, biases)
+        as_bits = (lambda a: a) if scales.dtype == mx.float32 else (lambda a: a.view(mx.uint16))  # zero-copy
+        views = [np.ascontiguousarray(np.asarray(w)), np.ascontiguousarray(np.asarray(as_bits(scales))),
+                 np.ascontiguousarray(np.asarray(as_bits(biases)))]
+        if not hold and any(v.base is None for v in views):
+            raise ValueError("quantized matrix is not contiguous")  # the copy would not outlive this call
+        self.views = views if hold else None
+        self.w, self.scales, self.biases = (v.ctypes.data for v in views)
+        self.dtype = DTYPE_CODES[scales.dtype]
+        self.N = w.shape[0]
+        self.K = w.shape[1] * 32 // bits
+        self.group_size, self.bits = group_size, bits
+
+    def __call__(self, x: mx.array, *, gate_up_silu: bool = False) -> mx.array:
+        """x (..., K) -> (..., N), or (..., N/2) with the SwiGLU of [gate; up] applied."""
+        xn = self.host_input(x)  # (M, K)
+        n_out = self.N // 2 if gate_up_silu else self.N
+        y = np.empty((*x.shape[:-1], n_out), np.float32)  # (..., n_out): no reshape in MLX afterwards
+        fn = _library()[0].mm_gate_up_silu if gate_up_silu else _library()[0].mm_qmm
+        rc = fn(xn.ctypes.data, xn.shape[0], self.K, self.w, self.scales, self.biases, self.dtype, n_out,
+                self.group_size, self.bits, y.ctypes.data)
+        if rc != 0:
+            raise ValueError(f"cpu_qmm does not support group_size={self.group_size}, bits={self.bits}")
+        return to_mlx(y, x)
+
+    def host_input(self, x: mx.array) -> np.ndarray:
+        """x evaluated (the eval boundary) as a contiguous fp32 (M, K) host array, no copy if it can."""
+        if x.shape[-1] != self.K:
+            raise ValueError(f"x has {x.shape[-1]} features, the matrix {self.K}")
+        xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+        mx.eval(xf)
+        return np.ascontiguousarray(np.asarray(xf)).reshape(-1, self.K)
+
+
+def to_mlx(y: np.ndarray, like: mx.array) -> mx.array:
+    """(..., N) host result -> MLX array typed like the input."""
+    out = mx.array(y)
+    return out if like.dtype == mx.float32 else out.astype(like.dtype)
+
+
+class Siblings:
+    """Layers that read the same input (q/k/v, gate/up): the first call computes them all in one
+    native call (one eval boundary, one thread wake-up), the others pick up their result."""
+
+    def __init__(self, packs: list[Packed]):
+        first = packs[0]
+        self.packs, self.K, self.dtype, self.group_size, self.bits = packs, first.K, first.dtype, first.group_size, first.bits
+        n = len(packs)
+        self.ws = (ctypes.c_void_p * n)(*[p.w for p in packs])
+        self.scs = (ctypes.c_void_p * n)(*[p.scales for p in packs])
+        self.bis = (ctypes.c_void_p * n)(*[p.biases for p in packs])
+        self.Ns = (ctypes.c_int64 * n)(*[p.N for p in packs])
+        self.x: Optional[mx.array] = None  # the input the pending results belong to (held, so `is` is safe)
+        self.pending: dict[int, mx.array] = {}
+
+    @staticmethod
+    def compatible(packs: list[Packed]) -> bool:
+        first = packs[0]
+        return all((p.K, p.dtype, p.group_size, p.bits) == (first.K, first.dtype, first.group_size, first.bits)
+                   for p in packs)
+
+    def result(self, index: int, x: mx.array) -> mx.array:
+        if self.x is not x or index not in self.pending:
+            self.compute(x)
+        out = self.pending.pop(index)
+        if not self.pending:
+            self.x = None
+        return out
+
+    def compute(self, x: mx.array) -> None:
+        xn = self.packs[0].host_input(x)  # (M, K)
+        ys = [np.empty((*x.shape[:-1], p.N), np.float32) for p in self.packs]  # (..., N_i) each
+        y_ptrs = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
+        rc = _library()[0].mm_qmm_multi(xn.ctypes.data, xn.shape[0], self.K, len(ys), self.ws, self.scs, self.bis,
+                                        self.Ns, self.dtype, self.group_size, self.bits, y_ptrs)
+        if rc != 0:
+            raise ValueError(f"cpu_qmm does not support group_size={self.group_size}, bits={self.bits}")
+        self.x, self.pending = x, {i: to_mlx(y, x) for i, y in enumerate(ys)}
+
+
+class _PackedCache:
+    """Pointers of matrices the functional API has seen, dropped when their arrays are freed
+    (weak references: the cache never keeps a model's weights alive)."""
+
+    def __init__(self):
+        self.entries: dict[tuple[int, int, int], tuple[list, Packed]] = {}
+
+    def get(self, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> Packed:
+        key = (id(w), id(scales), id(biases))
+        entry = self.entries.get(key)
+        if entry and all(r() is a for r, a in zip(entry[0], (w, scales, biases))) and \
+                (entry[1].group_size, entry[1].bits) == (group_size, bits):
+            return entry[1]
+        packed = Packed(w, scales, biases, group_size, bits, hold=False)
+        drop = lambda _ref, key=key: self.entries.pop(key, None)  # noqa: E731
+        self.entries[key] = ([weakref.ref(a, drop) for a in (w, scales, biases)], packed)
+        return packed
+
+
+_PACKED = _PackedCache()
+
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+                     bits: int) -> mx.array:
+    """`mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)` on the native kernels
+    (MLX's op where they are missing or the format is not covered)."""
+    if not supports(group_size, bits) or scales.dtype not in DTYPE_CODES:
+        if not available():
+            _warn_slow_path(_library()[1])
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    return _PACKED.get(w, scales, biases, group_size, bits)(x)
+
+
+def gate_up_silu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+                 bits: int) -> mx.array:
+    """silu(x . Wg^T) * (x . Wu^T) where w/scales/biases hold [gate rows; up rows] (2F, K)."""
+    if not supports(group_size, bits) or scales.dtype not in DTYPE_CODES:
+        if not available():
+            _warn_slow_path(_library()[1])
+        gu = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        g, u = mx.split(gu, 2, axis=-1)  # (..., F) each
+        return nn.silu(g) * u
+    return _PACKED.get(w, scales, biases, group_size, bits)(x, gate_up_silu=True)
+
+
+# ---- swapping a model's quantized layers onto the kernels --------------------------------------
+
+class NativeQuantizedLinear(nn.Module):
+    """nn.QuantizedLinear computing on the native kernels; shares the layer's arrays (no copy)."""
+
+    def __init__(self, layer: nn.QuantizedLinear):
+        super().__init__()
+        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
+        if "bias" in layer:
+            self.bias = layer.bias
+        self.group_size, self.bits = layer.group_size, layer.bits
+        self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        self._siblings: Optional[tuple[Siblings, int]] = None  # set by use_native_kernels
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._siblings[0].result(self._siblings[1], x) if self._siblings else self._packed(x)
+        return y + self.bias if "bias" in self else y
+
+
+class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied output head (`as_linear`) runs natively for few rows."""
+
+    def __init__(self, layer: nn.QuantizedEmbedding):
+        nn.Module.__init__(self)
+        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
+        self.group_size, self.bits, self.num_embeddings = layer.group_size, layer.bits, layer.num_embeddings
+        self.dims = layer.dims
+        self.mode = getattr(layer, "mode", "affine")
+        self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] <= HEAD_NATIVE_MAX_ROWS:
+            return self._packed(x)
+        return super().as_linear(x)
+
+
+def use_native_kernels(model: nn.Module) -> int:
+    """Swap the model's affine quantized layers the kernels cover onto them; returns how many."""
+    if not available():
+        _warn_slow_path(_library()[1])
+        return 0
+    swapped = 0
+
+    def swap(_path, module):
+        nonlocal swapped
+        covered = getattr(module, "mode", "affine") == "affine" and supports(getattr(module, "group_size", 0),
+                                                                                getattr(module, "bits", 0))
+        if covered and type(module) is nn.QuantizedLinear:
+            swapped += 1
+            return NativeQuantizedLinear(module)
+        if covered and type(module) is nn.QuantizedEmbedding:
+            swapped += 1
+            return NativeQuantizedEmbedding(module)
+        return module
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [module.get(n) for n in names]
+            if all(isinstance(m, NativeQuantizedLinear) for m in layers) and Siblings.compatible([m._packed for m in layers]):
+                group = Siblings([m._packed for m in layers])
+                for i, m in enumerate(layers):
+                    m._siblings = (group, i)
+    return swapped

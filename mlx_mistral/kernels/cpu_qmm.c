@@ -1,0 +1,493 @@
+/* Quantized matmul for MLX's affine format on the CPU: y = x . dequant(W)^T.
+ *
+ * W is MLX's packing: uint32 words, row n holds K*bits/32 words; element k of a row sits at
+ * bit (k % (32/bits)) * bits of word k / (32/bits) (little-endian, so the byte view is in order).
+ * dequant(W)[n, k] = scale[n, k/gs] * q + bias[n, k/gs]; scales/biases are f32, f16 or bf16.
+ *
+ * Three paths, all reading the packed weights in place:
+ *   M == 1       GEMV in factored form: y[n] = sum_g s_g * (q_g . x_g) + b_g * sum(x_g)
+ *   M small      the same over blocks of up to 4 inputs (each dequantized vector feeds 4 FMAs);
+ *                portable builds dequantize one row into L1 and take M dot products against it
+ *   M large      dequantize a tile of rows to fp32 and hand it to cblas_sgemm (if one is set)
+ * Rows are split over a small pool of worker threads (cpu_pool.h). AVX2/FMA is chosen at run
+ * time on x86-64; elsewhere portable C that the compiler vectorizes (NEON on arm64).
+ */
+#define _GNU_SOURCE  /* clock_gettime, sysconf under -std=c11 */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MM_X86 1
+#endif
+
+#ifndef MM_SOURCE_HASH
+#define MM_SOURCE_HASH "dev"
+#endif
+
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_TRANS = 112 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                         float, float*, int);
+
+static sgemm_fn g_sgemm = 0;
+static int g_gemm_min_rows = 12;  /* below this M the row-dequant path beats dequant + sgemm */
+static const int64_t TILE_BYTES = 1 << 21;  /* fp32 weight tile handed to sgemm: ~L2 sized */
+
+/* ---- scalar helpers ---------------------------------------------------------------------- */
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        float f = (float)man * (1.0f / 16777216.0f);  /* subnormal: man * 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7F800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* n scales (or biases) starting at element off, as f32 */
+static void load_f32(float* dst, const void* src, int64_t off, int64_t n, int dt) {
+    if (dt == DT_F32) {
+        memcpy(dst, (const float*)src + off, (size_t)n * 4);
+    } else if (dt == DT_F16) {
+        const uint16_t* p = (const uint16_t*)src + off;
+        for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(p[i]);
+    } else {
+        const uint16_t* p = (const uint16_t*)src + off;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)p[i] << 16;
+            memcpy(dst + i, &u, 4);
+        }
+    }
+}
+
+/* ---- portable kernels -------------------------------------------------------------------- */
+
+static void deq_row_c(const uint32_t* wr, const float* s, const float* b, int64_t K, int gs, int bits,
+                      float* out) {
+    const uint8_t* by = (const uint8_t*)wr;
+    for (int64_t g = 0; g < K / gs; g++)
+        for (int64_t k = g * gs; k < (g + 1) * gs; k++) {
+            int q = bits == 4 ? (by[k >> 1] >> ((k & 1) * 4)) & 0xF : by[k];
+            out[k] = s[g] * (float)q + b[g];
+        }
+}
+
+static float dot_c(const float* a, const float* b, int64_t K) {
+    float acc[8] = {0};  /* 8 lanes so the compiler vectorizes without reassociation flags */
+    for (int64_t k = 0; k < K; k += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[k + j] * b[k + j];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+static void gemv_c(const float* x, const float* xsum, int64_t K, const uint32_t* w, const void* sc,
+                   const void* bi, int dt, int gs, int bits, int64_t n0, int64_t n1, float* y) {
+    int64_t G = K / gs, wpr = K * bits / 32;
+    float* buf = malloc((size_t)(K + 2 * G) * sizeof(float));
+    float *s = buf + K, *b = s + G;
+    for (int64_t n = n0; n < n1; n++) {
+        load_f32(s, sc, n * G, G, dt);
+        load_f32(b, bi, n * G, G, dt);
+        deq_row_c(w + n * wpr, s, b, K, gs, bits, buf);
+        y[n] = dot_c(buf, x, K);
+    }
+    (void)xsum;
+    free(buf);
+}
+
+/* ---- AVX2 / FMA kernels ------------------------------------------------------------------ */
+#ifdef MM_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline __m256 q4_at(const uint32_t* word, __m256i shifts, __m256i mask) {
+    /* the 8 nibbles of one word, in element order, as floats */
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)*word), shifts), mask));
+}
+
+AVX2 static inline __m256 q8_at(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static void deq_row_avx2(const uint32_t* wr, const float* s, const float* b, int64_t K, int gs,
+                              int bits, float* out) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
+    for (int64_t g = 0; g < K / gs; g++) {
+        __m256 vs = _mm256_set1_ps(s[g]), vb = _mm256_set1_ps(b[g]);
+        float* o = out + g * gs;
+        if (bits == 4) {
+            const uint32_t* wg = wr + g * (gs / 8);
+            for (int j = 0; j < gs / 8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(q4_at(wg + j, shifts, mask), vs, vb));
+        } else {
+            const uint8_t* wg = (const uint8_t*)wr + g * gs;
+            for (int j = 0; j < gs / 8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(q8_at(wg + 8 * j), vs, vb));
+        }
+    }
+}
+
+AVX2 static float dot_avx2(const float* a, const float* b, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 32) {  /* K is a multiple of the group size, so of 32 */
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
+    }
+    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+/* Two rows per pass share every load of x; four accumulators per row hide FMA latency. */
+AVX2 static void gemv_avx2(const float* x, const float* xsum, int64_t K, const uint32_t* w, const void* sc,
+                           const void* bi, int dt, int gs, int bits, int64_t n0, int64_t n1, float* y) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
+    int64_t G = K / gs, wpr = K * bits / 32;
+    float* buf = malloc((size_t)(4 * G) * sizeof(float));
+    float *s0 = buf, *b0 = buf + G, *s1 = buf + 2 * G, *b1 = buf + 3 * G;
+    for (int64_t n = n0; n < n1; n += 2) {
+        int two = n + 1 < n1;
+        const uint32_t* r0 = w + n * wpr;
+        const uint32_t* r1 = two ? r0 + wpr : r0;  /* odd tail: compute row n twice, store once */
+        load_f32(s0, sc, n * G, G, dt);
+        load_f32(b0, bi, n * G, G, dt);
+        load_f32(s1, sc, (n + two) * G, G, dt);
+        load_f32(b1, bi, (n + two) * G, G, dt);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+        float bs0 = 0.f, bs1 = 0.f;
+        for (int64_t g = 0; g < G; g++) {
+            const float* xg = x + g * gs;
+            __m256 p0 = _mm256_setzero_ps(), p1 = p0, q0 = p0, q1 = p0;
+            if (bits == 4) {
+                const uint32_t *w0 = r0 + g * (gs / 8), *w1 = r1 + g * (gs / 8);
+                for (int j = 0; j < gs / 8; j += 2) {
+                    __m256 xa = _mm256_loadu_ps(xg + 8 * j), xb = _mm256_loadu_ps(xg + 8 * j + 8);
+                    p0 = _mm256_fmadd_ps(q4_at(w0 + j, shifts, mask), xa, p0);
+                    p1 = _mm256_fmadd_ps(q4_at(w0 + j + 1, shifts, mask), xb, p1);
+                    q0 = _mm256_fmadd_ps(q4_at(w1 + j, shifts, mask), xa, q0);
+                    q1 = _mm256_fmadd_ps(q4_at(w1 + j + 1, shifts, mask), xb, q1);
+                }
+            } else {
+                const uint8_t *w0 = (const uint8_t*)r0 + g * gs, *w1 = (const uint8_t*)r1 + g * gs;
+                for (int j = 0; j < gs / 8; j += 2) {
+                    __m256 xa = _mm256_loadu_ps(xg + 8 * j), xb = _mm256_loadu_ps(xg + 8 * j + 8);
+                    p0 = _mm256_fmadd_ps(q8_at(w0 + 8 * j), xa, p0);
+                    p1 = _mm256_fmadd_ps(q8_at(w0 + 8 * j + 8), xb, p1);
+                    q0 = _mm256_fmadd_ps(q8_at(w1 + 8 * j), xa, q0);
+                    q1 = _mm256_fmadd_ps(q8_at(w1 + 8 * j + 8), xb, q1);
+                }
+            }
+            acc0 = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), _mm256_set1_ps(s0[g]), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_add_ps(q0, q1), _mm256_set1_ps(s1[g]), acc1);
+            bs0 += b0[g] * xsum[g];
+            bs1 += b1[g] * xsum[g];
+        }
+        y[n] = hsum8(acc0) + bs0;
+        if (two) y[n + 1] = hsum8(acc1) + bs1;
+    }
+    free(buf);
+}
+
+/* MR (1..4) inputs against one weight row at a time: each dequantized vector feeds MR FMAs. */
+AVX2 static inline __attribute__((always_inline)) void gemv_mr(
+    const float* x, const float* xsum, int64_t K, const uint32_t* w, const void* sc, const void* bi, int dt,
+    int gs, int bits, int64_t n0, int64_t n1, float* y, int64_t ldy, float* sb, const int MR) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), mask = _mm256_set1_epi32(0xF);
+    int64_t G = K / gs, wpr = K * bits / 32;
+    float *s = sb, *b = sb + G;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint32_t* r = w + n * wpr;
+        load_f32(s, sc, n * G, G, dt);
+        load_f32(b, bi, n * G, G, dt);
+        __m256 acc[4];
+        float bs[4];
+        for (int m = 0; m < MR; m++) acc[m] = _mm256_setzero_ps(), bs[m] = 0.f;
+        for (int64_t g = 0; g < G; g++) {
+            __m256 pe[4], po[4];  /* even and odd words: two chains per input hide FMA latency */
+            for (int m = 0; m < MR; m++) pe[m] = po[m] = _mm256_setzero_ps();
+            for (int j = 0; j < gs / 8; j += 2) {
+                __m256 qe, qo;
+                if (bits == 4) {
+                    qe = q4_at(r + g * (gs / 8) + j, shifts, mask);
+                    qo = q4_at(r + g * (gs / 8) + j + 1, shifts, mask);
+                } else {
+                    qe = q8_at((const uint8_t*)r + g * gs + 8 * j);
+                    qo = q8_at((const uint8_t*)r + g * gs + 8 * j + 8);
+                }
+                for (int m = 0; m < MR; m++) {
+                    const float* xg = x + m * K + g * gs + 8 * j;
+                    pe[m] = _mm256_fmadd_ps(qe, _mm256_loadu_ps(xg), pe[m]);
+                    po[m] = _mm256_fmadd_ps(qo, _mm256_loadu_ps(xg + 8), po[m]);
+                }
+            }
+            __m256 vs = _mm256_set1_ps(s[g]);
+            for (int m = 0; m < MR; m++) {
+                acc[m] = _mm256_fmadd_ps(_mm256_add_ps(pe[m], po[m]), vs, acc[m]);
+                bs[m] += b[g] * xsum[m * G + g];
+            }
+        }
+        for (int m = 0; m < MR; m++) y[m * ldy + n] = hsum8(acc[m]) + bs[m];
+    }
+}
+
+AVX2 static void gemv_small_avx2(const float* x, const float* xsum, int mr, int64_t K, const uint32_t* w,
+                                 const void* sc, const void* bi, int dt, int gs, int bits, int64_t n0, int64_t n1,
+                                 float* y, int64_t ldy, float* sb) {
+    switch (mr) {
+        case 1: gemv_mr(x, xsum, K, w, sc, bi, dt, gs, bits, n0, n1, y, ldy, sb, 1); break;
+        case 2: gemv_mr(x, xsum, K, w, sc, bi, dt, gs, bits, n0, n1, y, ldy, sb, 2); break;
+        case 3: gemv_mr(x, xsum, K, w, sc, bi, dt, gs, bits, n0, n1, y, ldy, sb, 3); break;
+        default: gemv_mr(x, xsum, K, w, sc, bi, dt, gs, bits, n0, n1, y, ldy, sb, 4); break;
+    }
+}
+#endif
+
+/* ---- dispatch ------------------------------------------------------------------------------ */
+
+typedef void (*gemv_fn)(const float*, const float*, int64_t, const uint32_t*, const void*, const void*,
+                        int, int, int, int64_t, int64_t, float*);
+typedef void (*deq_fn)(const uint32_t*, const float*, const float*, int64_t, int, int, float*);
+typedef float (*dot_fn)(const float*, const float*, int64_t);
+
+static gemv_fn k_gemv = gemv_c;
+static deq_fn k_deq = deq_row_c;
+static dot_fn k_dot = dot_c;
+static int g_simd = 0;
+
+static void pick_kernels(void) {
+    static int done = 0;
+    if (done) return;
+    done = 1;
+#ifdef MM_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        k_gemv = gemv_avx2;
+        k_deq = deq_row_avx2;
+        k_dot = dot_avx2;
+        g_simd = 2;
+    }
+#endif
+}
+
+/* 1: the portable kernels even where AVX2 exists (how tests reach the arm64/generic path) */
+void mm_use_portable(int on) {
+    pick_kernels();
+    k_gemv = gemv_c, k_deq = deq_row_c, k_dot = dot_c, g_simd = 0;
+#ifdef MM_X86
+    if (!on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        k_gemv = gemv_avx2, k_deq = deq_row_avx2, k_dot = dot_avx2, g_simd = 2;
+#else
+    (void)on;
+#endif
+}
+
+const char* mm_source_hash(void) { return MM_SOURCE_HASH; }
+
+/* 0 portable C, 2 AVX2+FMA */
+int mm_simd(void) {
+    pick_kernels();
+    return g_simd;
+}
+
+#include "cpu_pool.h"
+
+/* cblas_sgemm of the process's optimized BLAS, or NULL to keep to our own kernels */
+void mm_set_sgemm(void* fn) { g_sgemm = (sgemm_fn)fn; }
+void mm_set_gemm_min_rows(int m) { g_gemm_min_rows = m; }
+
+/* ---- the three paths ----------------------------------------------------------------------- */
+typedef struct qmm_args {
+    const float* x;
+    const float* xsum;  /* (M, K/gs) group sums of x, for the factored GEMV */
+    int64_t M, K, N;
+    const uint32_t* w;
+    const void *sc, *bi;
+    int dt, gs, bits;
+    float* y;
+    float* wt;  /* GEMM: the fp32 tile being filled, rows t0 .. t0 + its height */
+    int64_t t0;
+    const struct qmm_args* group;  /* several matrices in one job: their args, in chunk order */
+    int ngroup;
+    void (*inner)(const void*, int64_t);
+} qmm_args;
+
+#define CHUNK_ROWS 16  /* rows per chunk: even, so the GEMV's row pairs never straddle chunks */
+
+static int64_t chunks(int64_t rows) { return (rows + CHUNK_ROWS - 1) / CHUNK_ROWS; }
+static int64_t chunk_end(int64_t n0, int64_t rows) { return n0 + CHUNK_ROWS < rows ? n0 + CHUNK_ROWS : rows; }
+
+static float* group_sums(const float* x, int64_t M, int64_t K, int gs) {
+    float* xsum = malloc((size_t)(M * (K / gs)) * sizeof(float));  /* (M, G) */
+    for (int64_t i = 0; i < M * (K / gs); i++) {
+        float t = 0.f;
+        for (int64_t k = i * gs; k < (i + 1) * gs; k++) t += x[k];
+        xsum[i] = t;
+    }
+    return xsum;
+}
+
+static void gemv_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    int64_t n0 = i * CHUNK_ROWS;
+    k_gemv(a->x, a->xsum, a->K, a->w, a->sc, a->bi, a->dt, a->gs, a->bits, n0, chunk_end(n0, a->N), a->y);
+}
+
+/* one fp32 row in L1, reused by all M inputs (portable path) */
+static void rows_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    int64_t K = a->K, G = K / a->gs, wpr = K * a->bits / 32, n0 = i * CHUNK_ROWS;
+    float* buf = malloc((size_t)(K + 2 * G) * sizeof(float));
+    float *s = buf + K, *b = s + G;
+    for (int64_t n = n0; n < chunk_end(n0, a->N); n++) {
+        load_f32(s, a->sc, n * G, G, a->dt);
+        load_f32(b, a->bi, n * G, G, a->dt);
+        k_deq(a->w + n * wpr, s, b, K, a->gs, a->bits, buf);
+        for (int64_t m = 0; m < a->M; m++) a->y[m * a->N + n] = k_dot(a->x + m * K, buf, K);
+    }
+    free(buf);
+}
+
+#ifdef MM_X86
+/* a few inputs (2 .. gemm_min_rows): the factored GEMV over blocks of up to 4 inputs */
+static void small_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
+    float* sb = malloc((size_t)(2 * G) * sizeof(float));
+    for (int64_t m0 = 0; m0 < a->M; m0 += 4) {
+        int mr = a->M - m0 < 4 ? (int)(a->M - m0) : 4;
+        gemv_small_avx2(a->x + m0 * a->K, a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt, a->gs, a->bits,
+                        n0, chunk_end(n0, a->N), a->y + m0 * a->N, a->N, sb);
+    }
+    free(sb);
+}
+#endif
+
+static void dequant_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    int64_t K = a->K, G = K / a->gs, wpr = K * a->bits / 32, r0 = i * CHUNK_ROWS;
+    float* sb = malloc((size_t)(2 * G) * sizeof(float));
+    for (int64_t r = r0; r < chunk_end(r0, a->M); r++) {  /* M holds the tile height here */
+        int64_t n = a->t0 + r;
+        load_f32(sb, a->sc, n * G, G, a->dt);
+        load_f32(sb + G, a->bi, n * G, G, a->dt);
+        k_deq(a->w + n * wpr, sb, sb + G, K, a->gs, a->bits, a->wt + r * K);
+    }
+    free(sb);
+}
+
+/* tiles of rows dequantized to fp32 by our threads, each multiplied by the (threaded) BLAS */
+static void qmm_gemm(const qmm_args* a) {
+    int64_t K = a->K, N = a->N;
+    int64_t tile = TILE_BYTES / (K * 4);
+    tile = tile < CHUNK_ROWS ? CHUNK_ROWS : (tile / CHUNK_ROWS) * CHUNK_ROWS;
+    if (tile > N) tile = N;
+    float* wt = malloc((size_t)(tile * K) * sizeof(float));
+    for (int64_t t0 = 0; t0 < N; t0 += tile) {
+        int64_t nt = t0 + tile < N ? tile : N - t0;
+        qmm_args d = *a;
+        d.M = nt, d.wt = wt, d.t0 = t0;
+        run_job(dequant_chunk, &d, chunks(nt), nt * K * a->bits / 8);
+        g_sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)a->M, (int)nt, (int)K, 1.0f, a->x, (int)K, wt,
+                (int)K, 0.0f, a->y + t0, (int)N);
+    }
+    free(wt);
+}
+
+/* y (M, N) = x (M, K) . dequant(w (N, K*bits/32))^T; returns 0, or -1 for an unsupported format */
+int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* scales, const void* biases,
+           int dtype, int64_t N, int group_size, int bits, float* y) {
+    if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128) ||
+        K % group_size != 0 || dtype < DT_F32 || dtype > DT_BF16)
+        return -1;
+    pick_kernels();
+    qmm_args a = {x, NULL, M, K, N, w, scales, biases, dtype, group_size, bits, y, NULL, 0, NULL, 0, NULL};
+    int few = M < g_gemm_min_rows || !g_sgemm;
+    if (M == 1 || (few && g_simd == 2)) {
+        a.xsum = group_sums(x, M, K, group_size);
+#ifdef MM_X86
+        run_job(M == 1 ? gemv_chunk : small_chunk, &a, chunks(N), N * K * bits / 8);
+#else
+        run_job(gemv_chunk, &a, chunks(N), N * K * bits / 8);
+#endif
+        free((void*)a.xsum);
+    } else if (few) {
+        run_job(rows_chunk, &a, chunks(N), N * K * bits / 8);
+    } else {
+        qmm_gemm(&a);
+    }
+    return 0;
+}
+
+static void group_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    for (int g = 0; g < a->ngroup; i -= chunks(a->group[g].N), g++)
+        if (i < chunks(a->group[g].N)) {
+            a->inner(&a->group[g], i);
+            return;
+        }
+}
+
+/* Several matrices that share x and the format (q/k/v, gate/up): ys[i] (M, Ns[i]) = x . W_i^T.
+ * Small M runs as one job over all their rows: one call and one thread wake-up instead of three. */
+int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t* const* ws,
+                 const void* const* scs, const void* const* bis, const int64_t* Ns, int dtype, int group_size,
+                 int bits, float* const* ys) {
+    pick_kernels();
+    int few = M < g_gemm_min_rows || !g_sgemm;
+    if (count < 1 || count > 16 || !(M == 1 || (few && g_simd == 2))) {
+        for (int i = 0; i < count; i++) {
+            int rc = mm_qmm(x, M, K, ws[i], scs[i], bis[i], dtype, Ns[i], group_size, bits, ys[i]);
+            if (rc != 0) return rc;
+        }
+        return 0;
+    }
+    if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128) ||
+        K % group_size != 0 || dtype < DT_F32 || dtype > DT_BF16)
+        return -1;
+    float* xsum = group_sums(x, M, K, group_size);
+    qmm_args group[16];
+    int64_t total = 0, bytes = 0;
+    for (int i = 0; i < count; i++) {
+        bytes += Ns[i] * K * bits / 8;
+        qmm_args a = {x, xsum, M, K, Ns[i], ws[i], scs[i], bis[i], dtype, group_size, bits, ys[i], NULL, 0, NULL, 0, NULL};
+        group[i] = a;
+        total += chunks(Ns[i]);
+    }
+    qmm_args all = group[0];
+    all.group = group, all.ngroup = count;
+#ifdef MM_X86
+    all.inner = M == 1 ? gemv_chunk : small_chunk;
+#else
+    all.inner = gemv_chunk;
+#endif
+    run_job(group_chunk, &all, total, bytes);
+    free(xsum);
+    return 0;
+}
+
+/* w holds [gate rows; up rows] (2F, K); y (M, F) = silu(x . Wg^T) * (x . Wu^T) */
+int mm_gate_up_silu(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* scales,
+                    const void* biases, int dtype, int64_t F, int group_size, int bits, float* y) {
+    float* gu = malloc((size_t)(M * 2 * F) * sizeof(float));
+    int rc = mm_qmm(x, M, K, w, scales, biases, dtype, 2 * F, group_size, bits, gu);
+    if (rc == 0)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t f = 0; f < F; f++) {
+                float g = gu[m * 2 * F + f], u = gu[m * 2 * F + F + f];
+                y[m * F + f] = g / (1.0f + expf(-g)) * u;
+            }
+    free(gu);
+    return rc;
+}
