@@ -230,11 +230,19 @@ def plot(data: dict, path: Path) -> None:
             err = [[m - x["min"] for m, x in zip(med, s)], [x["max"] - m for m, x in zip(med, s)]]
             dtype = data["runtimes"][name]["compute_dtype"]
             ax.errorbar(contexts, med, yerr=err, marker=marker, capsize=3, label=f"{name} ({dtype})")
+        for row, c in zip(data["results"], contexts):
+            ratio = row["ratio"][label]
+            if ratio:
+                y = row[OURS]["summary"][key]["median"]
+                ax.annotate(f"{ratio:.2f}x", (c, y), textcoords="offset points", xytext=(0, 8), ha="center",
+                            fontsize=8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens (context)")
         ax.set_ylabel(f"{label} tokens/s")
-        ax.set_title(f"{label} (median, min–max bars)")
+        ax.set_title(f"{label}: median, min–max bars, ours/mlx-lm ratio")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     dev = data["device"]
