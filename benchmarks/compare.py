@@ -100,6 +100,8 @@ def run_interleaved(args, vocab_size: int, peak_gbps: float, console: Console) -
                                       listener)
                     trials[(name, p)].append(trial)
                     progress.advance(overall)
+                    progress.console.log(f"{name} pp{p}+tg{args.gen} trial {i + 1}: prefill "
+                                         f"{trial.prefill_tps:.2f} tok/s, decode {trial.decode_tps:.2f} tok/s")
     return info, trials
 
 
@@ -293,7 +295,8 @@ def main(argv=None) -> None:
     data = collect(args, info, trials, device_info(peak), time.perf_counter() - tic)
     out = args.out or RESULTS / device_slug()
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"compare-{args.model.name}"
+    suffix = "" if args.mlx_lm_dtype == "checkpoint" else f"-mlx-lm-{args.mlx_lm_dtype}"
+    stem = out / f"compare-{args.model.name}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(data))
     plot(data, stem.with_suffix(".png"))

@@ -189,6 +189,7 @@ class Trial:
     ttft_s: float
     total_s: float
     peak_memory_gb: float  # MLX's peak allocation, weights included
+    cpu_s: float  # this process's CPU time over the trial: below total_s x cores, others took the rest
     achieved_gbps: float = 0.0  # weight bytes per token x decode tokens/s
     peak_pct: float = 0.0  # achieved / the machine's peak bandwidth, in percent
 
@@ -200,6 +201,7 @@ def run_trial(step_fn: StepFn, model, prompt: mx.array, generation_tokens: int, 
     mx.reset_peak_memory()
     if listener:
         listener("prefill", 0, prompt.size)
+    cpu = time.process_time()
     tic = time.perf_counter()
     first = tic
     n = 0
@@ -213,12 +215,13 @@ def run_trial(step_fn: StepFn, model, prompt: mx.array, generation_tokens: int, 
             listener("decode", n, generation_tokens)
     mx.synchronize()
     end = time.perf_counter()
+    cpu = time.process_time() - cpu
     ttft = first - tic
     return Trial(
         prompt_tokens=prompt.size, generation_tokens=n,
         prefill_tps=prompt.size / ttft,
         decode_tps=(n - 1) / (end - first) if n > 1 else 0.0,
-        ttft_s=ttft, total_s=end - tic, peak_memory_gb=mx.get_peak_memory() / 1e9,
+        ttft_s=ttft, total_s=end - tic, peak_memory_gb=mx.get_peak_memory() / 1e9, cpu_s=cpu,
     )
 
 

@@ -21,7 +21,7 @@ from mlx_mistral.model import Model
 from mlx_mistral.synth import PRESETS
 
 TRIAL_FIELDS = {"prompt_tokens", "generation_tokens", "prefill_tps", "decode_tps", "ttft_s", "total_s",
-                "peak_memory_gb", "achieved_gbps", "peak_pct"}
+                "peak_memory_gb", "cpu_s", "achieved_gbps", "peak_pct"}
 
 
 def run(*args):
@@ -41,6 +41,7 @@ def test_bench_json_has_every_field(tiny_q4_dir):
         assert set(trial) == TRIAL_FIELDS
         assert trial["prompt_tokens"] == 8 and trial["generation_tokens"] == 3  # EOS never stops it
         assert trial["prefill_tps"] > 0 and trial["decode_tps"] > 0 and trial["ttft_s"] > 0
+        assert 0 < trial["ttft_s"] < trial["total_s"] and trial["cpu_s"] > 0
         assert trial["peak_memory_gb"] * 1e9 >= data["weight_bytes"] * 0.9  # the weights are resident
         assert trial["achieved_gbps"] == pytest.approx(data["weight_bytes_per_token"] * trial["decode_tps"] / 1e9)
         assert trial["peak_pct"] == pytest.approx(trial["achieved_gbps"])  # percent of 100 GB/s
