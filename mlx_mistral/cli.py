@@ -162,9 +162,10 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
     from .load import load_model, resolve
 
     folder = resolve(model)
-    m = load_model(folder)
-    config = BenchConfig(prompt_tokens, generation_tokens, num_trials, prefill_step, not no_warmup, seed)
     console = Console(stderr=True)
+    with console.status(f"loading {folder.name}"):
+        m = load_model(folder)
+    config = BenchConfig(prompt_tokens, generation_tokens, num_trials, prefill_step, not no_warmup, seed)
     with console.status("measuring peak memory bandwidth"):
         peak = peak_bandwidth(peak_gbps)
     with live_progress("mlx-mistral", num_trials, console) as listener:
