@@ -175,7 +175,7 @@ def collect(args, info: dict, trials: dict, device: dict, elapsed: float) -> dic
 
 
 def _mmm(s: dict) -> str:
-    return f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
+    return f"{s['min']:.3g} / {s['median']:.3g} / {s['max']:.3g}"
 
 
 def print_table(data: dict, console: Console) -> None:
@@ -207,7 +207,7 @@ def markdown(data: dict) -> str:
     ]
 
     def cell(s):
-        return f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
+        return f"{s['median']:.3g} ({s['min']:.3g}–{s['max']:.3g})"
 
     for row in data["results"]:
         a, b = row[OURS]["summary"], row[THEIRS]["summary"]
@@ -241,6 +241,7 @@ def plot(data: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.minorticks_off()
+        ax.margins(x=0.15, y=0.25)  # room for the ratio labels and the legend
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens (context)")
         ax.set_ylabel(f"{label} tokens/s")
