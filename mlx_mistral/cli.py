@@ -377,6 +377,50 @@ def serve(model, host, port, api_key, default_max_tokens, drain_timeout):
     run_server(model, host=host, port=port, api_key=api_key, default_max_tokens=default_max_tokens,
                drain_timeout=drain_timeout)
 
+@cli.command()
+@model_option
+@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Random prompt length.")
+@click.option("--generation-tokens", "-g", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens to generate (end of sequence ignored).")
+@click.option("--num-trials", "-n", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed trials after the warm-up.")
+@click.option("--prefill-step", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Prompt tokens per prefill chunk.")
+@click.option("--peak-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The machine's peak memory bandwidth (default: known Apple chip, else measured).")
+@click.option("--no-warmup", is_flag=True, help="Skip the short warm-up run.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, peak_gbps, no_warmup,
+          seed, as_json):
+    """Measure prefill and decode speed, time to first token, memory and bandwidth."""
+    import json
+
+    from rich.console import Console
+
+    from .bench import BenchConfig, benchmark, peak_bandwidth
+    from .bench_view import live_progress, result_header, result_table
+    from .generate import generate_step
+    from .load import load_model, resolve
+
+    folder = resolve(model)
+    console = Console(stderr=True)
+    with console.status(f"loading {folder.name}"):
+        m = load_model(folder)
+    config = BenchConfig(prompt_tokens, generation_tokens, num_trials, prefill_step, not no_warmup, seed)
+    with console.status("measuring peak memory bandwidth"):
+        peak = peak_bandwidth(peak_gbps)
+    with live_progress("mlx-mistral", num_trials, console) as listener:
+        result = benchmark(generate_step, m, model_name=folder.name, runtime="mlx-mistral",
+                           vocab_size=m.args.vocab_size, config=config, peak=peak, listener=listener)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        out = Console()
+        out.print(result_header(result))
+        out.print(result_table(result))
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     cli.main(args=argv, prog_name="mlx-mistral")
