@@ -174,8 +174,9 @@ def test_fused_qkv_equals_separate_projections(M):
     fused = FusedLinear(concat_linears(parts), (512, 128, 128))
     assert isinstance(fused.linear, DispatchedQuantizedLinear) and fused.linear.weight.shape == (768, 80)
     x = inputs(M, 640).reshape(1, M, 640)
+    # the fused call may run the native CPU kernel, the parts MLX's op: fp32 summation orders differ
     for got, part in zip(fused(x), parts):
-        close(got, part(x), tol=1e-6)
+        close(got, part(x), tol=1e-5)
 
 
 @pytest.mark.parametrize("M", [1, 9, 24])
