@@ -84,6 +84,8 @@ class ChatSession:
                 f"[dim]{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s "
                 f"(prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s)[/]"
             )
+            if last.speculation is not None:
+                self.console.print(f"[dim]{last.speculation.summary()}[/]")
 
     def run(self) -> None:
         self.console.print(f"[dim]{HELP}[/]")

@@ -41,6 +41,38 @@ def sampling_options(f):
     return f
 
 
+def speculation_options(f):
+    """Speculative decoding flags shared by generate and chat."""
+    options = [
+        click.option("--speculate", type=click.Choice(["none", "lookup", "draft"]), default=None,
+                     help="Speculative decoding: prompt lookup or a draft model [default: by backend]."),
+        click.option("--num-draft", type=click.IntRange(min=0), default=None, help="Tokens drafted per step."),
+        click.option("--draft-model", default=None, help="Draft model folder or hub id (same vocabulary)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _speculation(kw: dict, model, tokenizer) -> dict:
+    """stream_generate's speculation arguments; loads and checks the draft model."""
+    speculate, draft_path = kw["speculate"], kw["draft_model"]
+    if draft_path is not None and speculate is None:
+        speculate = "draft"
+    if speculate == "draft" and draft_path is None:
+        raise MistralError("--speculate draft needs --draft-model PATH")
+    if draft_path is not None and speculate != "draft":
+        raise MistralError("--draft-model is only used with --speculate draft")
+    draft = None
+    if draft_path is not None:
+        from .load import load
+        from .speculate import check_draft
+
+        draft, draft_tokenizer = load(draft_path)
+        check_draft(model, draft, tokenizer, draft_tokenizer)
+    return {"speculate": speculate, "num_draft": kw["num_draft"], "draft_model": draft}
+
+
 def model_option(f):
     return click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
                         help="Model folder or hub id.")(f)
@@ -64,7 +96,8 @@ def cli():
 @click.option("--prompt", "-p", default=None, help="Prompt text; '-' or absent reads stdin.")
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
-@click.option("--verbose", "-v", is_flag=True, help="Print tokens/s and peak memory.")
+@speculation_options
+@click.option("--verbose", "-v", is_flag=True, help="Print tokens/s, peak memory and speculation.")
 def generate(model, prompt, system, verbose, **kw):
     """Generate a reply to one prompt, streamed to stdout."""
     from .generate import stream_generate
@@ -78,13 +111,16 @@ def generate(model, prompt, system, verbose, **kw):
         raise MistralError("the prompt is empty")
     m, tokenizer = load(model)
     last = None
-    for last in stream_generate(m, tokenizer, prompt, system=system, **_sampling(kw)):
+    for last in stream_generate(m, tokenizer, prompt, system=system, **_sampling(kw),
+                                **_speculation(kw, m, tokenizer)):
         click.echo(last.text, nl=False)
     click.echo()
     if verbose and last is not None:
         from .load import runtime_summary
 
         _report(last, err=True)
+        if last.speculation is not None:
+            click.echo(last.speculation.summary(), err=True)
         click.echo(runtime_summary(), err=True)
 
 
@@ -101,13 +137,15 @@ def _report(r, err: bool = False) -> None:
 @model_option
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
+@speculation_options
 def chat(model, system, **kw):
     """Interactive chat. /reset, /system TEXT, /quit; end a line with \\ to continue it."""
     from .chat_repl import ChatSession
     from .load import load
 
     m, tokenizer = load(model)
-    ChatSession(m, tokenizer, system=system, sampling=_sampling(kw)).run()
+    sampling = {**_sampling(kw), **_speculation(kw, m, tokenizer)}
+    ChatSession(m, tokenizer, system=system, sampling=sampling).run()
 
 
 @cli.command()

@@ -95,6 +95,7 @@ class Response:
     generation_tokens: int
     generation_tps: float
     peak_memory_gb: float
+    speculation: Any = None  # SpeculationStats while speculative decoding is on
 
 
 def encode_prompt(tokenizer, prompt: Prompt, *, system: Optional[str] = None,
@@ -167,6 +168,9 @@ def stream_generate(
     logits_processors: Optional[list[LogitsProcessor]] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     ignore_eos: bool = False,
+    speculate: Optional[str] = None,
+    num_draft: Optional[int] = None,
+    draft_model=None,
 ) -> Generator[Response, None, None]:
     """Stream a reply as `Response`s; the last one carries `finish_reason`."""
     ids = encode_prompt(tokenizer, prompt, system=system, tools=tools)
@@ -182,13 +186,17 @@ def stream_generate(
     stops = _StopMatcher([stop] if isinstance(stop, str) else (stop or []))
     detok = tokenizer.detokenizer()
     eos = set() if ignore_eos else tokenizer.eos_token_ids
+    from .speculate import SpeculationStats, select_step  # imports this module
+
+    spec = SpeculationStats()
+    step = select_step(speculate, model, num_draft=num_draft, draft_model=draft_model, stats=spec)
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
     n = 0
     finish_reason = "length"
-    steps = generate_step(
+    steps = step(
         mx.array(ids, dtype=mx.int32), model, max_tokens=max_tokens, sampler=sampler,
         logits_processors=processors or None, prompt_cache=prompt_cache,
         prefill_step_size=prefill_step_size,
@@ -197,7 +205,8 @@ def stream_generate(
     def response(text, token, reason):
         elapsed = time.perf_counter() - tic
         return Response(text, token, reason, len(ids), prompt_tps, n,
-                        n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9)
+                        n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9,
+                        spec if spec.mode != "none" else None)
 
     hit_stop = False
     for token, _ in steps:
@@ -235,6 +244,8 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s")
         print(f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
         print(f"peak memory: {last.peak_memory_gb:.2f} GB")
+        if last.speculation is not None:
+            print(last.speculation.summary())
     return "".join(pieces)
 
 
