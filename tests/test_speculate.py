@@ -78,6 +78,18 @@ def test_lookup_keeps_the_cache_in_step():
     assert first + more == plain(REPEATING, model, 32)
 
 
+def test_stopping_early_rolls_back_unused_drafts():
+    model = random_model(0)
+    for taken in (1, 5, 9):
+        cache = model.make_cache()
+        steps = lookup_generate_step(mx.array(REPEATING), model, max_tokens=40, prompt_cache=cache)
+        got = [t for _, (t, _) in zip(range(taken), steps)]
+        steps.close()  # as stream_generate does at an end-of-sequence id
+        assert cache[0].offset == len(REPEATING) + taken - 1
+        more = lookup(got[-1:], model, 6, prompt_cache=cache)
+        assert got + more == plain(REPEATING, model, taken + 6)
+
+
 def test_lookup_with_a_quantized_kv_cache():
     model = random_model(0)
     for bits in (4, 8):
@@ -124,6 +136,15 @@ def test_stream_generate_switches_modes(tiny):
         generate(model, tok, "hi", speculate="draft")
     with pytest.raises(MistralError, match="speculate must be"):
         generate(model, tok, "hi", speculate="fast")
+
+
+def test_default_mode_follows_the_backend_table(tiny):
+    from mlx_mistral.speculate import DEFAULT_MODE, default_mode
+
+    model, tok = tiny
+    assert default_mode(model) == DEFAULT_MODE[mx.default_device().type.name] in ("none", "lookup")
+    last = list(stream_generate(model, tok, "hi", max_tokens=3, temperature=0))[-1]
+    assert (last.speculation is None) == (default_mode(model) == "none")
 
 
 # --- sampling keeps the distribution ------------------------------------------------------------
