@@ -286,11 +286,12 @@ def draft_generate_step(
 # --- choosing a mode -----------------------------------------------------------------------------
 
 
-# The mode used when none is asked for, per MLX backend, from benchmarks/speculate.py. On the CPU
-# a verification pass over k+1 tokens costs ~2.4x a one-token pass (fp32) and more with 4-bit
-# weights, more than lookup saves at the acceptance SmolLM2 reaches on edit, summary and chat
-# prompts: off. GPUs, where k+1 tokens cost about one token's weight reads, are not measured yet:
-# off until a measurement shows the gain.
+# The mode used when none is asked for, per MLX backend, from benchmarks/speculate.py
+# (results/cpu/speculate.json, SmolLM2). On the CPU prompt lookup won where the reply copies the
+# prompt in fp32 (summary ~1.9x) but lost on an edit prompt the model did not echo (~0.5x), and
+# with 4-bit weights, where a pass over k+1 tokens costs ~3 one-token passes, 70% acceptance
+# only broke even and 31% halved the speed: off. GPUs, where k+1 tokens should cost about one
+# token's weight reads, are not measured yet: off until a measurement shows the gain.
 DEFAULT_MODE = {"cpu": "none", "gpu": "none"}
 
 
