@@ -159,6 +159,8 @@ class ChatSession:
                 f"[dim]{usage['completion_tokens']} tokens, {timing['generation_tps']:.1f} tokens/s "
                 f"(prompt {usage['prompt_tokens']} tokens, {usage['prompt_tokens_details']['cached_tokens']} cached, "
                 f"{timing['prompt_tps']:.1f} tokens/s)[/]")
+            if last.get("speculation") is not None:
+                self.console.print(f"[dim]{last['speculation'].summary()}[/]")
 
     def run(self) -> None:
         self.console.print(f"[dim]{HELP} {TOOLS_HELP if self.tools else ''}[/]")

@@ -42,6 +42,38 @@ def sampling_options(f):
     return f
 
 
+def speculation_options(f):
+    """Speculative decoding flags shared by generate and chat."""
+    options = [
+        click.option("--speculate", type=click.Choice(["none", "lookup", "draft"]), default=None,
+                     help="Speculative decoding: prompt lookup or a draft model [default: by backend]."),
+        click.option("--num-draft", type=click.IntRange(min=0), default=None, help="Tokens drafted per step."),
+        click.option("--draft-model", default=None, help="Draft model folder or hub id (same vocabulary)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _speculation(kw: dict, model, tokenizer) -> dict:
+    """stream_generate's speculation arguments; loads and checks the draft model."""
+    speculate, draft_path = kw["speculate"], kw["draft_model"]
+    if draft_path is not None and speculate is None:
+        speculate = "draft"
+    if speculate == "draft" and draft_path is None:
+        raise MistralError("--speculate draft needs --draft-model PATH")
+    if draft_path is not None and speculate != "draft":
+        raise MistralError("--draft-model is only used with --speculate draft")
+    draft = None
+    if draft_path is not None:
+        from .load import load
+        from .speculate import check_draft
+
+        draft, draft_tokenizer = load(draft_path)
+        check_draft(model, draft, tokenizer, draft_tokenizer)
+    return {"speculate": speculate, "num_draft": kw["num_draft"], "draft_model": draft}
+
+
 def model_option(f):
     return click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
                         help="Model folder or hub id.")(f)
@@ -110,7 +142,8 @@ def cli():
 @structured_options
 @cache_options
 @prompt_cache_option
-@click.option("--verbose", "-v", is_flag=True, help="Print tokens/s and peak memory.")
+@speculation_options
+@click.option("--verbose", "-v", is_flag=True, help="Print tokens/s, peak memory and speculation.")
 def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, prompt_cache_file, **kw):
     """Generate a reply to one prompt, streamed to stdout (tool calls as a JSON list)."""
     from .generate import stream_generate
@@ -133,15 +166,19 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
     if structured:
         if not cached:
             request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return _generate_structured(m, tokenizer, request, {**extra, **structured}, _sampling(kw), verbose)
+        return _generate_structured(m, tokenizer, request, {**extra, **structured, **_speculation(kw, m, tokenizer)},
+                                    _sampling(kw), verbose)
     last = None
-    for last in stream_generate(m, tokenizer, request, system=system, **extra, **_sampling(kw)):
+    for last in stream_generate(m, tokenizer, request, system=system, **extra, **_sampling(kw),
+                                **_speculation(kw, m, tokenizer)):
         click.echo(last.text, nl=False)
     click.echo()
     if verbose and last is not None:
         from .load import runtime_summary
 
         _report(last, err=True)
+        if last.speculation is not None:
+            click.echo(last.speculation.summary(), err=True)
         click.echo(runtime_summary(), err=True)
 
 
@@ -173,6 +210,7 @@ def _report(r, err: bool = False) -> None:
 @structured_options
 @cache_options
 @prompt_cache_option
+@speculation_options
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="Longest conversation to plan memory for (default: the model's maximum).")
 def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, context, **kw):
@@ -189,7 +227,7 @@ def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, cont
     conversation = cached.conversation if cached else ConversationCache(m, **kv)
     if cached and cached.tools and "tools" not in structured:
         structured["tools"] = cached.tools
-    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling=_sampling(kw),
+    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling={**_sampling(kw), **_speculation(kw, m, tokenizer)},
                 cache=conversation, document=cached.document if cached else None, **structured).run()
 
 

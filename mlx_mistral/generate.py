@@ -105,6 +105,7 @@ class Response:
     generation_tps: float
     peak_memory_gb: float
     cached_tokens: int = 0  # prompt ids whose K/V came from a ConversationCache
+    speculation: Any = None  # SpeculationStats while speculative decoding is on
 
 
 def encode_prompt(tokenizer, prompt: Prompt, *, system: Optional[str] = None,
@@ -184,6 +185,9 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     max_kv_size: Optional[int] = None,
+    speculate: Optional[str] = None,
+    num_draft: Optional[int] = None,
+    draft_model=None,
 ) -> Generator[Response, None, None]:
     """Stream a reply as `Response`s; the last one carries `finish_reason`.
 
@@ -226,17 +230,25 @@ def stream_generate(
         raise MistralError(f"the prompt cache holds {conversation.settings.describe()}, "
                            f"not the {KVSettings(**kv).describe()} asked for")
     cached = conversation.reuse(ids) if conversation is not None else 0
+    from .speculate import SpeculationStats, select_step  # imports this module
+
+    spec = SpeculationStats()
+    step = select_step(speculate, model, num_draft=num_draft, draft_model=draft_model, stats=spec)
+    if spec.mode != "none" and max_kv_size:
+        raise MistralError("speculative decoding rolls the cache back, which a rotating cache "
+                           "(max_kv_size) cannot do: drop one of them")
+    cache = conversation.cache if conversation is not None else prompt_cache
+    if cache is None:  # made here so every step function (plain or speculative) gets the kv options
+        cache = make_cache(model, **kv)
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
     n = 0
     finish_reason = "length"
-    steps = generate_step(
+    steps = step(
         mx.array(ids[cached:], dtype=mx.int32), model, max_tokens=max_tokens, sampler=sampler,
-        logits_processors=processors or None,
-        prompt_cache=conversation.cache if conversation is not None else prompt_cache,
-        prefill_step_size=prefill_step_size, **kv,
+        logits_processors=processors or None, prompt_cache=cache, prefill_step_size=prefill_step_size,
     )
     if conversation is not None:
         steps = conversation.follow(ids, steps)  # records what its cache holds when the steps end
@@ -244,7 +256,8 @@ def stream_generate(
     def response(text, token, reason):
         elapsed = time.perf_counter() - tic
         return Response(text, token, reason, len(ids), prompt_tps, n,
-                        n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9, cached)
+                        n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9, cached,
+                        spec if spec.mode != "none" else None)
 
     hit_stop = False
     for token, _ in steps:
@@ -282,6 +295,8 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s")
         print(f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
         print(f"peak memory: {last.peak_memory_gb:.2f} GB")
+        if last.speculation is not None:
+            print(last.speculation.summary())
     return "".join(pieces)
 
 
@@ -329,7 +344,8 @@ def stream_chat_completion(model, tokenizer, messages: list[dict],
     finish = "tool_calls" if calls.calls else last.finish_reason
     timing = {"prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps,
               "peak_memory_gb": last.peak_memory_gb}
-    yield {"delta": {}, "finish_reason": finish, "usage": _usage(last), "timing": timing}
+    yield {"delta": {}, "finish_reason": finish, "usage": _usage(last), "timing": timing,
+           "speculation": last.speculation}
 
 
 def chat(model, tokenizer, messages: list[dict], *, tools: Optional[list[dict]] = None,
