@@ -95,7 +95,7 @@ class Failed:
 @dataclass
 class Job:
     ids: list[int]  # the whole prompt
-    params: dict[str, Any]  # stream_generate keyword arguments (sampling, stop, max_tokens)
+    params: dict[str, Any]  # stream_generate keyword arguments (sampling, stop, max_tokens, tools and formats)
     emit: Callable[[object], None]  # delivers a Response, Finished or Failed to the requester
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
