@@ -12,7 +12,6 @@ from live_server import LiveServer
 from mlx_lm.models.cache import KVCache
 
 from mlx_mistral.server import create_app
-from mlx_mistral.server_engine import PrefixCache
 from mlx_mistral.server_reply import ReplyAssembler
 
 TOOL_CALLS = 9
@@ -51,50 +50,6 @@ def test_plain_reply_and_tokenizers_without_tool_calls(tekken):
             assert reply.feed(piece, token) == [{"content": piece}]
         assert reply.finish("length") == ([], "length")
         assert reply.message() == {"role": "assistant", "content": "Hello world"}
-
-
-# -- prefix cache -----------------------------------------------------------------------------------
-
-class OneLayer:
-    layers = [None]
-    args = SimpleNamespace(head_dim=4)  # cache.make_cache checks kv options against it
-
-    def make_cache(self):
-        return [KVCache()]
-
-
-def fill(cache, n):
-    cache[0].update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
-
-
-def test_prefix_cache_trims_to_the_common_prefix():
-    prefix = PrefixCache(OneLayer())
-    cache, n = prefix.take([1, 2, 3, 4])
-    assert n == 0 and cache[0].offset == 0
-    fill(cache, 6)
-    prefix.store([1, 2, 3, 4, 5, 6], cache)
-    cache, n = prefix.take([1, 2, 3, 9, 9])
-    assert n == 3 and cache[0].offset == 3  # the diverging tail was trimmed off
-    fill(cache, 2)
-    prefix.store([1, 2, 3, 9, 9], cache)
-    cache, n = prefix.take([1, 2, 3, 9, 9])  # the same prompt again: its last id must still run
-    assert n == 4 and cache[0].offset == 4
-
-
-def test_prefix_cache_drops_the_unseen_end_of_sequence_and_is_exclusive():
-    prefix = PrefixCache(OneLayer())
-    cache, _ = prefix.take([1, 2])
-    fill(cache, 3)  # the end-of-sequence id went in but never came out of the generator
-    prefix.store([1, 2], cache)
-    assert prefix.ids == [1, 2] and cache[0].offset == 2
-    taken, n = prefix.take([1, 2, 7])
-    assert n == 2 and taken is cache
-    assert prefix.take([1, 2, 7])[1] == 0  # handed out: nobody else gets it meanwhile
-    off = PrefixCache(OneLayer(), enabled=False)
-    c, _ = off.take([1, 2])
-    fill(c, 2)
-    off.store([1, 2], c)
-    assert off.take([1, 2, 3])[1] == 0
 
 
 # -- tool calls end to end, with a model that follows a script --------------------------------------
@@ -214,3 +169,16 @@ def test_a_failed_generation_is_a_server_error_and_the_worker_survives(tekken):
         assert "out of memory" in r.json()["error"]["message"]
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+
+
+def test_prefix_reuse_can_be_turned_off(tekken):
+    model = ScriptedModel(tekken, tekken.encode("fine", bos=False), [])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cached = {}
+    for reuse in (True, False):
+        with LiveServer(create_app(model, tekken, model_id="m", prefix_cache=reuse)) as server:
+            for _ in range(2):
+                r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+            assert r["choices"][0]["message"]["content"] == "fine"
+            cached[reuse] = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached[True] == r["usage"]["prompt_tokens"] - 1 and cached[False] == 0
