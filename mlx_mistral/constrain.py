@@ -320,13 +320,28 @@ def ban_tokens(ids: tuple[int, ...]):
     return processor
 
 
+def _nothing_to_enforce(tokenizer, p: Plan) -> bool:
+    # other chat formats have no [TOOL_CALLS] to wait for or forbid
+    return getattr(tokenizer, "mistral", None) is None and (p.wait_for is not None or p.banned)
+
+
+def check_request(tokenizer, tools: Optional[list[dict]] = None, tool_choice: ToolChoice = "auto",
+                  response_format: Optional[dict] = None, *, limits: Limits = Limits(),
+                  parallel_tool_calls: bool = True) -> None:
+    """Raises the MistralError `make_processor` would for this request, without building the
+    processor: no MLX work, so a server can refuse a request before queueing it."""
+    p = plan(tools, tool_choice, response_format, limits, parallel_tool_calls)
+    if p.grammar is not None and not _nothing_to_enforce(tokenizer, p):
+        _matcher(llg_tokenizer(tokenizer), p.grammar)
+
+
 def make_processor(tokenizer, tools: Optional[list[dict]] = None, tool_choice: ToolChoice = "auto",
                    response_format: Optional[dict] = None, *, limits: Limits = Limits(),
                    parallel_tool_calls: bool = True):
     """The logits processor enforcing a request's tool choice and response format, or None."""
     p = plan(tools, tool_choice, response_format, limits, parallel_tool_calls)
-    if getattr(tokenizer, "mistral", None) is None and (p.wait_for is not None or p.banned):
-        return None  # other chat formats have no [TOOL_CALLS] to wait for or forbid
+    if _nothing_to_enforce(tokenizer, p):
+        return None
     if p.grammar is not None:
         return GrammarProcessor(tokenizer, p.grammar, wait_for=p.wait_for)
     if p.banned:
@@ -335,4 +350,4 @@ def make_processor(tokenizer, tools: Optional[list[dict]] = None, tool_choice: T
 
 
 __all__ = ["Limits", "Plan", "plan", "bound_schema", "free_json", "calls_grammar", "response_schema",
-           "GrammarProcessor", "ban_tokens", "make_processor", "llg_tokenizer", "TOOL_CALLS_ID"]
+           "GrammarProcessor", "ban_tokens", "make_processor", "check_request", "llg_tokenizer", "TOOL_CALLS_ID"]

@@ -95,7 +95,9 @@ def config_only(path_or_hub_id: str | Path) -> tuple[dict, Optional[int]]:
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return read_config(path), sum(f.stat().st_size for f in path.glob("model*.safetensors")) or None
-    if path.exists() or not _HUB_ID.match(str(path_or_hub_id)):
+    from .convert import hub
+
+    if path.exists() or not hub.HUB_ID.match(str(path_or_hub_id)):
         resolve(path_or_hub_id)  # raises the right error
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -26,12 +26,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .constrain import Limits, check_request
 from .errors import MistralError
 from .generate import Response as Piece
 from .server_api import ChatRequest, CompletionRequest, OpenAIError, SamplingRequest, error_location
 from .server_engine import Engine, Failed, Finished, Job
 from .server_metrics import CONTENT_TYPE, Metrics
-from .server_reply import ReplyAssembler, tool_calls_token
+from .server_reply import ReplyAssembler
+from .tools import validate_request
 
 log = logging.getLogger("mlx_mistral.server")
 
@@ -42,21 +44,25 @@ SEED_MODULUS = 2**32  # mx.random.seed takes an unsigned 64-bit value; clients s
 
 class _Settings:
     def __init__(self, model_id: str, aliases: set[str], context_length: int, api_key: Optional[str],
-                 default_max_tokens: Optional[int]):
+                 default_max_tokens: Optional[int], limits: Limits):
         self.model_id, self.aliases = model_id, aliases | {model_id}
         self.context_length, self.api_key, self.default_max_tokens = context_length, api_key, default_max_tokens
+        self.limits = limits
         self.created = int(time.time())
 
 
 def create_app(model, tokenizer, *, model_id: str = "mlx-mistral", aliases: set[str] = frozenset(),
                api_key: Optional[str] = None, context_length: Optional[int] = None,
-               default_max_tokens: Optional[int] = None, prefix_cache: bool = True) -> FastAPI:
-    """The ASGI app serving `model`; its generation worker runs for the app's lifespan."""
+               default_max_tokens: Optional[int] = None, prefix_cache: bool = True,
+               limits: Optional[Limits] = None) -> FastAPI:
+    """The ASGI app serving `model`; its generation worker runs for the app's lifespan.
+
+    `limits` bound the values of constrained tool calls and JSON replies where their schemas
+    leave them unbounded (see `constrain.Limits`; the library's defaults when None)."""
     settings = _Settings(model_id, set(aliases), context_length or model.args.max_position_embeddings,
-                         api_key, default_max_tokens)
+                         api_key, default_max_tokens, limits or Limits())
     metrics = Metrics()
     engine = Engine(model, tokenizer, metrics, prefix_cache=prefix_cache)
-    tool_calls_id = tool_calls_token(tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -160,22 +166,32 @@ def create_app(model, tokenizer, *, model_id: str = "mlx-mistral", aliases: set[
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
         messages = [m.to_openai() for m in body.messages]
+        constraint = body.constraint()
+
+        def encode() -> list[int]:
+            validate_request(messages, constraint["tools"])
+            return tokenizer.encode_chat(messages, tools=body.prompt_tools())
+
         try:
-            ids = await asyncio.to_thread(tokenizer.encode_chat, messages, tools=body.prompt_tools())
+            ids = await asyncio.to_thread(encode)
         except MistralError as e:
             raise OpenAIError(400, str(e), param="messages") from None
-        params = generation_params(body, len(ids), "messages")
+        try:  # refused here, not by the worker, so a bad request is a 400 before any stream chunk
+            await asyncio.to_thread(check_request, tokenizer, limits=settings.limits, **constraint)
+        except MistralError as e:
+            raise OpenAIError(400, str(e)) from None
+        params = generation_params(body, len(ids), "messages") | constraint | {"limits": settings.limits}
         meta = _Meta("chatcmpl", settings.model_id)
         events = run(request, ids, params)
         if body.stream:
-            return _sse(_chat_chunks(events, meta, ReplyAssembler(tool_calls_id), body.include_usage))
-        reply = ReplyAssembler(tool_calls_id)
+            return _sse(_chat_chunks(events, meta, ReplyAssembler(tokenizer), body.include_usage))
+        reply = ReplyAssembler(tokenizer)
         async for event in events:
             if isinstance(event, Piece):
                 reply.feed(event.text, event.token)
             elif isinstance(event, Finished):
-                done = reply.finish(event.finish_reason)
-                choice = {"index": 0, "message": done.message(), "finish_reason": done.finish_reason,
+                _, finish_reason = reply.finish(event.finish_reason)
+                choice = {"index": 0, "message": reply.message(), "finish_reason": finish_reason,
                           "logprobs": None}
                 return meta.body("chat.completion", [choice], _usage(event))
             elif isinstance(event, Failed):
@@ -257,16 +273,13 @@ async def _chat_chunks(events, meta: _Meta, reply: ReplyAssembler, include_usage
     yield chunk({"role": "assistant", "content": ""})
     async for event in events:
         if isinstance(event, Piece):
-            text = reply.feed(event.text, event.token)
-            if text:
-                yield chunk({"content": text})
+            for delta in reply.feed(event.text, event.token):
+                yield chunk(delta)
         elif isinstance(event, Finished):
-            done = reply.finish(event.finish_reason)
-            if done.unsent:
-                yield chunk({"content": done.unsent})
-            if done.tool_calls:
-                yield chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(done.tool_calls)]})
-            yield chunk({}, done.finish_reason)
+            deltas, finish_reason = reply.finish(event.finish_reason)
+            for delta in deltas:
+                yield chunk(delta)
+            yield chunk({}, finish_reason)
             if include_usage:
                 yield meta.body("chat.completion.chunk", [], _usage(event))
         elif isinstance(event, Failed):

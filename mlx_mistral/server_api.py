@@ -181,6 +181,18 @@ class ChatRequest(SamplingRequest):
             raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
         return self
 
+    def constraint(self) -> dict:
+        """stream_generate's tools, tool_choice, response_format and parallel_tool_calls: every
+        declared tool (so "none" can forbid calling any), OpenAI's defaults filled in."""
+        choice = self.tool_choice
+        return dict(
+            tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
+            tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else (choice or "auto"),
+            response_format=self.response_format.model_dump(by_alias=True, exclude_none=True)
+            if self.response_format else None,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+        )
+
     def prompt_tools(self) -> Optional[list[dict]]:
         """Tool definitions for the prompt; none when the client forbids calling them."""
         if not self.tools or self.tool_choice == "none":

@@ -2,7 +2,7 @@
 
 MLX is not re-entrant, so every model call happens on this one thread; HTTP handlers on the
 event loop submit a `Job` and receive its events through `Job.emit`. Between jobs the worker
-keeps the KV of the last sequence it served (`PrefixCache`): a follow-up turn of the same
+keeps the KV of the last sequence it served (a `ConversationCache`): a follow-up turn of the same
 conversation starts with that sequence, so only its new tokens are run through the model.
 """
 
@@ -17,62 +17,11 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from .cache import can_trim_prompt_cache, make_cache, trim_prompt_cache
+from .cache import ConversationCache
 from .generate import Response, stream_generate
 from .server_metrics import Metrics
 
 log = logging.getLogger("mlx_mistral.server")
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class PrefixCache:
-    """The KV cache of the last sequence served and the ids it holds.
-
-    `take` hands out a cache already holding the longest common prefix of those ids and the
-    new prompt (trimming the rest), or a fresh one; `store` puts it back after the job.
-    """
-
-    def __init__(self, model, enabled: bool = True):
-        self.model = model
-        self.enabled = enabled
-        self.ids: list[int] = []  # exactly the ids whose keys and values `cache` holds
-        self.cache: Optional[list] = None
-
-    def take(self, ids: list[int]) -> tuple[list, int]:
-        """(cache, n): the cache holds `ids[:n]`; the caller owns it until `store`."""
-        cache, self.cache = self.cache, None
-        if cache is not None:
-            n = min(common_prefix(self.ids, ids), len(ids) - 1)  # the last id must run: its logits start the reply
-            surplus = len(self.ids) - n
-            if n > 0 and (surplus == 0 or can_trim_prompt_cache(cache)):
-                trim_prompt_cache(cache, surplus)
-                return cache, n
-        return make_cache(self.model), 0
-
-    def store(self, ids: list[int], cache: Optional[list]) -> None:
-        """Keep `cache` for the next job; `ids` are the ids it was fed (it may hold fewer, or
-        one more: an end-of-sequence id that ended the reply)."""
-        self.ids, self.cache = [], None
-        if not self.enabled or cache is None:
-            return
-        offsets = {c.offset for c in cache}
-        if len(offsets) != 1:  # a layer was left half-updated by an error: not reusable
-            return
-        offset = offsets.pop()
-        if offset > len(ids):
-            if not can_trim_prompt_cache(cache):
-                return
-            trim_prompt_cache(cache, offset - len(ids))
-            offset = len(ids)
-        self.ids, self.cache = list(ids[:offset]), cache
 
 
 @dataclass
@@ -95,7 +44,7 @@ class Failed:
 @dataclass
 class Job:
     ids: list[int]  # the whole prompt
-    params: dict[str, Any]  # stream_generate keyword arguments (sampling, stop, max_tokens)
+    params: dict[str, Any]  # stream_generate keyword arguments (sampling, stop, max_tokens, tools and formats)
     emit: Callable[[object], None]  # delivers a Response, Finished or Failed to the requester
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -109,7 +58,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, metrics: Metrics, prefix_cache: bool = True):
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        self.prefix = PrefixCache(model, enabled=prefix_cache)
+        self.conversation = ConversationCache(model)
+        self.prefix_cache = prefix_cache
         self.jobs: queue.Queue[Optional[Job]] = queue.Queue()
         # held while a job runs: whoever else needs the model in this process waits on it
         self.lock = threading.Lock()
@@ -144,7 +94,7 @@ class Engine:
                     # the worker must outlive any one request's failure, or the server hangs
                     except Exception as e:  # noqa: BLE001
                         log.exception("generation failed")
-                        self.prefix.store([], None)
+                        self.conversation.reset()
                         job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
                     finally:
                         self.metrics.running.dec()
@@ -152,11 +102,14 @@ class Engine:
             mx.clear_streams()  # MLX needs each thread's streams released before the process exits
 
     def _serve(self, job: Job) -> None:
-        cache, cached = self.prefix.take(job.ids)
+        if not self.prefix_cache:
+            self.conversation.reset()
         generated: list[int] = []
         first_at = None
         last: Optional[Response] = None
-        steps = stream_generate(self.model, self.tokenizer, job.ids[cached:], prompt_cache=cache, **job.params)
+        # the cache reuses its common prefix with job.ids and, however the steps end, records
+        # the sequence it then holds
+        steps = stream_generate(self.model, self.tokenizer, job.ids, prompt_cache=self.conversation, **job.params)
         try:
             for last in steps:
                 if job.cancelled.is_set():
@@ -170,7 +123,7 @@ class Engine:
                 job.emit(last)
         finally:
             steps.close()
-            self.prefix.store(job.ids + generated, cache)
+        cached = last.cached_tokens if last is not None else 0
         self.metrics.prompt_tokens.inc(len(job.ids))
         self.metrics.cached_tokens.inc(cached)
         if last is None or last.finish_reason is None:  # cancelled

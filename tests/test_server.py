@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import schemathesis
@@ -19,16 +20,19 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from live_server import WAIT_S, LiveServer
+from mlx_mistral.constrain import Limits
 from mlx_mistral.server import create_app
 
 MODEL = "tiny"
+LIMITS = Limits(max_string=8, max_items=3, max_properties=3, max_depth=2, max_calls=2)
 
 
 @pytest.fixture(scope="module")
 def live(tiny):
     model, tok = tiny
-    # replies default to 8 tokens: the fuzzer's requests mostly leave max_tokens out
-    with LiveServer(create_app(model, tok, model_id=MODEL, default_max_tokens=8)) as server:
+    # replies default to 8 tokens: the fuzzer's requests mostly leave max_tokens out; tight
+    # limits let a random model's constrained calls end within small budgets
+    with LiveServer(create_app(model, tok, model_id=MODEL, default_max_tokens=8, limits=LIMITS)) as server:
         server.model = tiny
         yield server
 
@@ -164,10 +168,117 @@ def test_follow_up_turn_reuses_the_conversation_prefix(live):
     assert r2.choices[0].message.content == live.direct(follow_up, 8)  # same as a fresh run
 
 
-# -- bad input ----------------------------------------------------------------------------------
+# -- tool calls and JSON replies, enforced on a random model ------------------------------------
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+SEARCH = {"type": "function", "function": {"name": "search_flights", "parameters": {
+    "type": "object", "required": ["origin", "passengers", "cabin"],
+    "properties": {"origin": {"type": "string"}, "passengers": {"type": "integer", "minimum": 1, "maximum": 9},
+                   "cabin": {"enum": ["economy", "business"]},
+                   "dates": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 2},
+                   "filters": {"type": "object", "properties": {"direct": {"type": "boolean"}}}}}}}
+TOOLS = [TOOL, SEARCH]
+CALL_BUDGET = 256  # tokens: under LIMITS, two calls of these tools end well within it
+
+
+def check_calls(calls):
+    """Each call names a declared tool and its arguments validate against that tool's schema."""
+    assert calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in calls:
+        assert call.type == "function" and len(call.id) == 9 and call.id.isalnum()
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_tool_choice_forces_a_valid_call(live, seed):
+    r = live.client().chat.completions.create(model=MODEL, messages=user("Book me a flight"), tools=TOOLS,
+                                              tool_choice="required", max_tokens=CALL_BUDGET, temperature=1.0,
+                                              seed=seed)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    check_calls(choice.message.tool_calls)
+
+
+def test_named_tool_choice_calls_that_tool(live):
+    r = live.client().chat.completions.create(
+        model=MODEL, messages=user("Weather?"), tools=TOOLS, max_tokens=CALL_BUDGET, temperature=1.0, seed=5,
+        tool_choice={"type": "function", "function": {"name": "search_flights"}})
+    calls = r.choices[0].message.tool_calls
+    check_calls(calls)
+    assert {c.function.name for c in calls} == {"search_flights"}
+
+
+def test_streamed_tool_call_deltas_assemble_to_the_whole_reply(live):
+    kw = dict(model=MODEL, messages=user("Flights to Rome"), tools=TOOLS, tool_choice="required",
+              max_tokens=CALL_BUDGET, temperature=1.0, seed=11)
+    whole = live.client().chat.completions.create(**kw).choices[0]
+    chunks = [c for c in live.client().chat.completions.create(stream=True, **kw) if c.choices]
+    assembled = {}
+    for delta in (c.choices[0].delta for c in chunks):
+        for piece in delta.tool_calls or []:
+            call = assembled.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = piece.id or call["id"]
+            call["name"] = (piece.function.name if piece.function else None) or call["name"]
+            call["arguments"] += (piece.function.arguments or "") if piece.function else ""
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(assembled.items())] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+    assert all(len(c["id"]) == 9 for c in assembled.values())
+
+
+def test_tool_result_round_trip(live):
+    client = live.client()
+    messages = user("Weather in Paris?")
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+                                       max_tokens=CALL_BUDGET, temperature=1.0, seed=3)
+    message = r.choices[0].message
+    check_calls(message.tool_calls)
+    messages += [message.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": '{"result": "ok"}'} for c in message.tool_calls]
+    r2 = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
+                                        max_tokens=8, temperature=1.0, seed=3)
+    assert r2.choices[0].message.tool_calls is None and r2.choices[0].finish_reason in ("length", "stop")
+    assert r2.usage.prompt_tokens_details.cached_tokens > 0  # the call turn's KV was kept
+
+
+def test_tool_choice_none_never_calls(live):
+    _, tok = live.model
+    for seed in range(3):
+        stream = live.client().chat.completions.create(
+            model=MODEL, messages=user("Call a tool"), tools=TOOLS, tool_choice="none", max_tokens=24,
+            temperature=2.0, seed=seed, stream=True)
+        chunks = [c for c in stream if c.choices]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks)
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("fmt", ["json_schema", "json_object"])
+def test_json_response_format_replies_validate(live, fmt):
+    schema = {"type": "object", "required": ["name", "age", "tags"], "additionalProperties": False,
+              "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0,
+                             "maximum": 120}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}}
+    response_format = ({"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+                       if fmt == "json_schema" else {"type": "json_object"})
+    for seed in range(2):
+        r = live.client().chat.completions.create(model=MODEL, messages=user("A person, as JSON"),
+                                                  response_format=response_format, max_tokens=CALL_BUDGET,
+                                                  temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "stop"
+        value = json.loads(r.choices[0].message.content)
+        jsonschema.validate(value, schema if fmt == "json_schema" else {"type": "object"})
+
+
+def test_an_unenforceable_request_is_refused_before_streaming(live):
+    body = {"model": MODEL, "messages": user("hi"), "tools": [TOOL], "tool_choice": "required", "stream": True,
+            "response_format": {"type": "json_object"}}
+    r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=WAIT_S)
+    assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
 LONG = "hello " * 12000  # more tokens than the 32768 of the model's context
 
 BAD = {

@@ -12,94 +12,44 @@ from live_server import LiveServer
 from mlx_lm.models.cache import KVCache
 
 from mlx_mistral.server import create_app
-from mlx_mistral.server_engine import PrefixCache
-from mlx_mistral.server_reply import ReplyAssembler, parse_tool_calls
+from mlx_mistral.server_reply import ReplyAssembler
 
 TOOL_CALLS = 9
 
 
-# -- parsing --------------------------------------------------------------------------------------
+# -- reply assembly -------------------------------------------------------------------------------
 
-def test_tool_call_list_becomes_openai_tool_calls():
-    calls = parse_tool_calls('[{"name": "f", "arguments": {"x": 1}, "id": "abcDEF123"}, {"name": "g", "arguments": {}}]')
-    assert [c["function"]["name"] for c in calls] == ["f", "g"]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
-    assert calls[0]["id"] == "abcDEF123" and len(calls[1]["id"]) == 9 and calls[1]["id"].isalnum()
-    assert all(c["type"] == "function" for c in calls)
-
-
-@pytest.mark.parametrize("text", ['[{"name": "f", "argu', "[]", '[{"arguments": {}}]', '"f"', "not json"])
-def test_text_that_is_not_a_call_list_is_refused(text):
-    assert parse_tool_calls(text) is None
-
-
-def test_assembler_splits_content_from_calls_on_the_token():
-    reply = ReplyAssembler(TOOL_CALLS)
+def test_assembler_splits_content_from_calls_on_the_token(tekken):
+    reply = ReplyAssembler(tekken)
     streamed = [reply.feed("Let me check. ", 100), reply.feed("", TOOL_CALLS),
                 reply.feed('[{"name": "f", ', 101), reply.feed('"arguments": {"q": "a"}}]', 102), reply.feed("", None)]
-    assert streamed == ["Let me check. ", "", "", "", ""]
-    done = reply.finish("stop")
-    assert done.finish_reason == "tool_calls" and done.content == "Let me check. " and done.unsent == ""
-    assert done.message()["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"q": "a"}'}
+    assert streamed[:2] == [[{"content": "Let me check. "}], []]
+    call_id = streamed[2][0]["tool_calls"][0]["id"]
+    assert streamed[2] == [{"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                            "function": {"name": "f", "arguments": ""}}]}]
+    assert streamed[3] == [{"tool_calls": [{"index": 0, "function": {"arguments": '{"q": "a"}'}}]}]
+    assert reply.finish("stop") == ([], "tool_calls")
+    message = reply.message()
+    assert message["content"] == "Let me check." and message["tool_calls"] == [
+        {"id": call_id, "type": "function", "function": {"name": "f", "arguments": '{"q": "a"}'}}]
 
 
-def test_assembler_gives_back_a_cut_off_call_as_text():
-    reply = ReplyAssembler(TOOL_CALLS)
+def test_assembler_gives_back_a_cut_off_call_as_text(tekken):
+    reply = ReplyAssembler(tekken)
     reply.feed("", TOOL_CALLS)
     reply.feed('[{"name": "f", "argu', 101)
-    done = reply.finish("length")
-    assert (done.content, done.tool_calls, done.finish_reason) == ('[{"name": "f", "argu', None, "length")
-    assert done.unsent == '[{"name": "f", "argu' and "tool_calls" not in done.message()
+    assert reply.finish("length") == ([{"content": '[{"name": "f", "argu'}], "length")
+    assert reply.message() == {"role": "assistant", "content": '[{"name": "f", "argu'}
 
 
-def test_plain_reply_and_tokenizers_without_tool_calls():
-    reply = ReplyAssembler(None)
-    for piece in ("Hello", " world"):
-        assert reply.feed(piece, 5) == piece
-    assert reply.finish("length").message() == {"role": "assistant", "content": "Hello world"}
-
-
-# -- prefix cache -----------------------------------------------------------------------------------
-
-class OneLayer:
-    layers = [None]
-
-    def make_cache(self):
-        return [KVCache()]
-
-
-def fill(cache, n):
-    cache[0].update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
-
-
-def test_prefix_cache_trims_to_the_common_prefix():
-    prefix = PrefixCache(OneLayer())
-    cache, n = prefix.take([1, 2, 3, 4])
-    assert n == 0 and cache[0].offset == 0
-    fill(cache, 6)
-    prefix.store([1, 2, 3, 4, 5, 6], cache)
-    cache, n = prefix.take([1, 2, 3, 9, 9])
-    assert n == 3 and cache[0].offset == 3  # the diverging tail was trimmed off
-    fill(cache, 2)
-    prefix.store([1, 2, 3, 9, 9], cache)
-    cache, n = prefix.take([1, 2, 3, 9, 9])  # the same prompt again: its last id must still run
-    assert n == 4 and cache[0].offset == 4
-
-
-def test_prefix_cache_drops_the_unseen_end_of_sequence_and_is_exclusive():
-    prefix = PrefixCache(OneLayer())
-    cache, _ = prefix.take([1, 2])
-    fill(cache, 3)  # the end-of-sequence id went in but never came out of the generator
-    prefix.store([1, 2], cache)
-    assert prefix.ids == [1, 2] and cache[0].offset == 2
-    taken, n = prefix.take([1, 2, 7])
-    assert n == 2 and taken is cache
-    assert prefix.take([1, 2, 7])[1] == 0  # handed out: nobody else gets it meanwhile
-    off = PrefixCache(OneLayer(), enabled=False)
-    c, _ = off.take([1, 2])
-    fill(c, 2)
-    off.store([1, 2], c)
-    assert off.take([1, 2, 3])[1] == 0
+def test_plain_reply_and_tokenizers_without_tool_calls(tekken):
+    no_marker = SimpleNamespace(mistral=None)  # e.g. a Hugging Face tokenizer: id 9 is ordinary text
+    for tok in (tekken, no_marker):
+        reply = ReplyAssembler(tok)
+        for piece, token in (("Hello", 5), (" world", TOOL_CALLS if tok is no_marker else 5)):
+            assert reply.feed(piece, token) == [{"content": piece}]
+        assert reply.finish("length") == ([], "length")
+        assert reply.message() == {"role": "assistant", "content": "Hello world"}
 
 
 # -- tool calls end to end, with a model that follows a script --------------------------------------
@@ -114,7 +64,7 @@ class ScriptedModel:
         self.replies = {tokenizer.tekken.get_special_token("[/INST]"): on_user,
                         tokenizer.tekken.get_special_token("[/TOOL_RESULTS]"): on_result}
         self.eos = tokenizer.tekken.eos_id
-        self.args = SimpleNamespace(max_position_embeddings=4096)
+        self.args = SimpleNamespace(max_position_embeddings=4096, head_dim=1)
         self.layers = [None]
 
     def make_cache(self):
@@ -174,10 +124,28 @@ def test_streamed_tool_call(scripted):
     chunks = [c for c in stream if c.choices]
     deltas = [c.choices[0].delta for c in chunks]
     assert not "".join(d.content or "" for d in deltas)  # the call text is not streamed as content
-    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].index == 0 and len(calls[0].id) == 9
-    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    pieces = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert len(pieces) > 2  # the arguments arrive as they are generated, not in one piece at the end
+    assert {p.index for p in pieces} == {0} and len(pieces[0].id) == 9
+    assert pieces[0].function.name == "get_weather" and all(p.id is None for p in pieces[1:])
+    assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_forbids_the_call_the_model_wants(scripted):
+    r = scripted.client().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+        tool_choice="none", max_tokens=8, temperature=0)
+    assert r.choices[0].message.tool_calls is None
+    assert r.usage.completion_tokens == 8  # the scripted [TOOL_CALLS] never came: another token did
+
+
+def test_a_call_without_declared_tools_is_parsed_as_given(scripted):
+    # no tools, so nothing is enforced: the scripted call text is still read as a call
+    r = scripted.client().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Weather?"}], max_tokens=64)
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
 class BreaksOnce(ScriptedModel):
@@ -201,3 +169,16 @@ def test_a_failed_generation_is_a_server_error_and_the_worker_survives(tekken):
         assert "out of memory" in r.json()["error"]["message"]
         r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+
+
+def test_prefix_reuse_can_be_turned_off(tekken):
+    model = ScriptedModel(tekken, tekken.encode("fine", bos=False), [])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cached = {}
+    for reuse in (True, False):
+        with LiveServer(create_app(model, tekken, model_id="m", prefix_cache=reuse)) as server:
+            for _ in range(2):
+                r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+            assert r["choices"][0]["message"]["content"] == "fine"
+            cached[reuse] = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached[True] == r["usage"]["prompt_tokens"] - 1 and cached[False] == 0
