@@ -1,7 +1,7 @@
 """CPU peers: mlx-mistral on its native kernels vs mlx-lm vs llama.cpp, SmolLM2-135M real weights.
 
     python benchmarks/cpu_peers.py [--prompt 128] [--decode 64] [--threads 2] [--rounds 2]
-    python benchmarks/cpu_peers.py --big /work/big/mistral-small-3-q4   # 24B shape: decode GB/s
+    python benchmarks/cpu_peers.py --big /tmp/ms3-q4   # 24B shape: decode GB/s
 
 The same prompt ids go to every runtime; runtimes alternate within each round and the best
 round counts. mlx-mistral and mlx-lm load the same MLX 4-bit g64 folder (converted once from the

@@ -130,7 +130,10 @@ def test_quantized_output_is_bit_identical_to_mlx_lm_convert(tiny_dir, tmp_path)
     ids = [1, 5, 900, 3000, 42, 77, 1200]
     lm, _ = mlx_lm_load_model(ours)
     lm.set_dtype(mx.float32)  # ours computes in float32 on the CPU
-    np.testing.assert_array_equal(logits(load_model(ours), ids), logits(lm, ids))
+    # our loader may route the matmuls through the native CPU kernels: same math, other summation order
+    a, b = logits(load_model(ours), ids), logits(lm, ids)
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+    assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
 def test_mixed_recipe_writes_per_layer_overrides_both_loaders_honour(tiny_dir, tmp_path):
@@ -150,7 +153,8 @@ def test_mixed_recipe_writes_per_layer_overrides_both_loaders_honour(tiny_dir, t
         assert model.model.layers[1].mlp.down_proj.bits == 6 and model.model.layers[0].mlp.down_proj.bits == 4
     lm.set_dtype(mx.float32)
     ids = [1, 5, 900, 3000, 42]
-    np.testing.assert_array_equal(logits(ours, ids), logits(lm, ids))
+    a, b = logits(ours, ids), logits(lm, ids)  # native CPU kernels on our side: summation order differs
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
 
 
 def test_small_shards_split_the_weights_and_load_the_same(tiny_dir, tmp_path):
