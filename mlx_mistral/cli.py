@@ -9,9 +9,12 @@ from typing import Optional
 import click
 
 from . import __version__
+from .cli_options import (
+    cache_options, kv_options, model_option, prompt_cache_option, sampling_kwargs, sampling_options,
+    speculation_kwargs, speculation_options, structured_kwargs, structured_options,
+)
 from .errors import MistralError
 
-DEFAULT_MODEL = "mistralai/Mistral-Small-24B-Instruct-2501"
 
 
 class Group(click.Group):
@@ -23,109 +26,6 @@ class Group(click.Group):
         except MistralError as e:
             raise click.ClickException(str(e)) from None
 
-
-def sampling_options(f):
-    """Sampling flags shared by generate and chat."""
-    options = [
-        click.option("--max-tokens", "-n", default=512, show_default=True, help="Most tokens to generate."),
-        click.option("--temp", "temperature", default=0.15, show_default=True,
-                     help="Sampling temperature (0 = greedy; Mistral recommends 0.15)."),
-        click.option("--top-p", default=1.0, show_default=True),
-        click.option("--top-k", default=0, show_default=True, help="0 = off."),
-        click.option("--min-p", default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=None),
-        click.option("--seed", type=int, default=None),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def speculation_options(f):
-    """Speculative decoding flags shared by generate and chat."""
-    options = [
-        click.option("--speculate", type=click.Choice(["none", "lookup", "draft"]), default=None,
-                     help="Speculative decoding: prompt lookup or a draft model [default: by backend]."),
-        click.option("--num-draft", type=click.IntRange(min=0), default=None, help="Tokens drafted per step."),
-        click.option("--draft-model", default=None, help="Draft model folder or hub id (same vocabulary)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _speculation(kw: dict, model, tokenizer) -> dict:
-    """stream_generate's speculation arguments; loads and checks the draft model."""
-    speculate, draft_path = kw["speculate"], kw["draft_model"]
-    if draft_path is not None and speculate is None:
-        speculate = "draft"
-    if speculate == "draft" and draft_path is None:
-        raise MistralError("--speculate draft needs --draft-model PATH")
-    if draft_path is not None and speculate != "draft":
-        raise MistralError("--draft-model is only used with --speculate draft")
-    draft = None
-    if draft_path is not None:
-        from .load import load
-        from .speculate import check_draft
-
-        draft, draft_tokenizer = load(draft_path)
-        check_draft(model, draft, tokenizer, draft_tokenizer)
-    return {"speculate": speculate, "num_draft": kw["num_draft"], "draft_model": draft}
-
-
-def model_option(f):
-    return click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
-                        help="Model folder or hub id.")(f)
-
-
-def structured_options(f):
-    """Tool and JSON-schema flags shared by generate and chat (see the block above main)."""
-    options = [
-        click.option("--tools", type=click.Path(dir_okay=False), default=None,
-                     help="JSON file: a list of OpenAI tool (or bare function) definitions."),
-        click.option("--tool-choice", default="auto", show_default=True,
-                     help="auto, none, required, or the name of a function to call."),
-        click.option("--json-schema", type=click.Path(dir_okay=False), default=None,
-                     help="JSON schema file the reply must follow."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def cache_options(f):
-    """KV-cache flags shared by generate, chat, bench and serve (read them with `kv_options`)."""
-    options = [
-        click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
-                     help="Store the KV cache quantized to this many bits (default: full precision)."),
-        click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-                     help="Group size of the quantized KV cache."),
-        click.option("--max-kv-size", type=click.IntRange(min=16), default=None,
-                     help="Bound the KV cache to this many tokens (rotating: keeps the first 4 and the "
-                          "latest); off by default."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def kv_options(kw: dict) -> dict:
-    """Pops the `cache_options` values out of a command's kwargs as make_cache keywords."""
-    bits, group, size = kw.pop("kv_bits"), kw.pop("kv_group_size"), kw.pop("max_kv_size")
-    return dict(kv_bits=int(bits) if bits else None, kv_group_size=int(group), max_kv_size=size)
-
-
-def prompt_cache_option(f):
-    return click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None,
-                        help="Start from a prompt cache written by `mlx-mistral cache-prompt`.")(f)
-
-
-def _sampling(kw: dict) -> dict:
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-    out = {k: kw[k] for k in keys}
-    out["stop"] = list(kw["stop"])
-    return out
 
 
 @click.group(cls=Group)
@@ -154,7 +54,7 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise MistralError("the prompt is empty")
-    structured = _structured(tools, tool_choice, json_schema)
+    structured = structured_kwargs(tools, tool_choice, json_schema)
     kv = kv_options(kw)
     # bytes bound the token count from above: enough for the memory check before loading
     context = len(prompt.encode()) + len((system or "").encode()) + kw["max_tokens"] + 64
@@ -166,11 +66,11 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
     if structured:
         if not cached:
             request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return _generate_structured(m, tokenizer, request, {**extra, **structured, **_speculation(kw, m, tokenizer)},
-                                    _sampling(kw), verbose)
+        options = {**extra, **structured, **speculation_kwargs(kw, m, tokenizer)}
+        return _generate_structured(m, tokenizer, request, options, sampling_kwargs(kw), verbose)
     last = None
-    for last in stream_generate(m, tokenizer, request, system=system, **extra, **_sampling(kw),
-                                **_speculation(kw, m, tokenizer)):
+    for last in stream_generate(m, tokenizer, request, system=system, **extra, **sampling_kwargs(kw),
+                                **speculation_kwargs(kw, m, tokenizer)):
         click.echo(last.text, nl=False)
     click.echo()
     if verbose and last is not None:
@@ -219,7 +119,7 @@ def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, cont
     from .chat_repl import ChatSession
     from .load import read_config, resolve
 
-    structured = _structured(tools, tool_choice, json_schema)
+    structured = structured_kwargs(tools, tool_choice, json_schema)
     kv = kv_options(kw)
     if context is None:
         context = read_config(resolve(model)).get("max_position_embeddings", 32768)
@@ -227,7 +127,7 @@ def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, cont
     conversation = cached.conversation if cached else ConversationCache(m, **kv)
     if cached and cached.tools and "tools" not in structured:
         structured["tools"] = cached.tools
-    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling={**_sampling(kw), **_speculation(kw, m, tokenizer)},
+    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling={**sampling_kwargs(kw), **speculation_kwargs(kw, m, tokenizer)},
                 cache=conversation, document=cached.document if cached else None, **structured).run()
 
 
@@ -279,48 +179,9 @@ def convert_cmd(src, out, bits, group_size, no_quantize, dtype, recipe, force):
     click.echo(f"wrote {r.out}: {r.tensors} tensors from the {r.source.layout} checkpoint, "
                f"{r.nbytes / 1e6:,.0f} MB in {r.shards} shard(s), {what}")
 
-# ---- tools and structured output: file loading and the generate path for --tools / --json-schema
-
-def _read_json(path: str, what: str):
-    import json
-    from pathlib import Path
-
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise MistralError(f"cannot read {what} {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MistralError(f"{what} {path} is not valid JSON: {e}") from None
-
-
-def _structured(tools_path, tool_choice, schema_path) -> dict:
-    """--tools / --tool-choice / --json-schema as keywords for the chat API ({} when unused)."""
-    out: dict = {}
-    if tools_path:
-        tools = _read_json(tools_path, "tools file")
-        if isinstance(tools, dict):
-            tools = tools.get("tools", [tools])
-        if not isinstance(tools, list) or not tools:
-            raise MistralError(f"tools file {tools_path} must hold a non-empty JSON list of tool definitions")
-        # a bare function definition {"name", "parameters"} is wrapped as OpenAI does
-        out["tools"] = [t if isinstance(t, dict) and "function" in t else {"type": "function", "function": t}
-                        for t in tools]
-    if tool_choice != "auto":
-        if "tools" not in out:
-            raise MistralError("--tool-choice needs --tools")
-        out["tool_choice"] = tool_choice
-    if schema_path:
-        schema = _read_json(schema_path, "JSON schema")
-        if not isinstance(schema, dict):
-            raise MistralError(f"JSON schema {schema_path} must be a JSON object")
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-    return out
-
 
 def _generate_structured(model, tokenizer, messages, structured: dict, sampling: dict, verbose: bool) -> None:
     """Streams text; tool calls are printed at the end as an OpenAI `tool_calls` JSON list."""
-    import json
-
     from .generate import stream_chat_completion
 
     calls: dict = {}
@@ -433,8 +294,6 @@ def serve(model, host, port, api_key, default_max_tokens, drain_timeout):
 def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, peak_gbps, no_warmup,
           seed, as_json):
     """Measure prefill and decode speed, time to first token, memory and bandwidth."""
-    import json
-
     from rich.console import Console
 
     from .bench import BenchConfig, benchmark, peak_bandwidth
