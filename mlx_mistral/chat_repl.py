@@ -13,6 +13,7 @@ from .cache import ConversationCache
 from .errors import MistralError
 from .generate import stream_chat_completion
 from .prompt_cache import DOCUMENT_SEPARATOR
+from .tools import merge_call_deltas
 
 HELP = ("/reset clears the conversation, /system TEXT sets the system prompt, /quit leaves; "
         "end a line with \\ to continue on the next, or wrap a block in \"\"\".")
@@ -128,11 +129,7 @@ class ChatSession:
                 if delta.get("content"):
                     pieces.append(delta["content"])
                     self.console.print(delta["content"], end="", markup=False, highlight=False, soft_wrap=True)
-                for piece in delta.get("tool_calls", []):
-                    call = calls.setdefault(piece["index"], {"id": piece.get("id"), "type": "function",
-                                                             "function": {"name": "", "arguments": ""}})
-                    call["function"]["name"] += piece.get("function", {}).get("name", "")
-                    call["function"]["arguments"] += piece.get("function", {}).get("arguments", "")
+                merge_call_deltas(calls, delta.get("tool_calls", []))
         except KeyboardInterrupt:
             self.console.print("\n[dim](stopped)[/]", end="")
             last = None

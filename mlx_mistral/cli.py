@@ -183,17 +183,14 @@ def convert_cmd(src, out, bits, group_size, no_quantize, dtype, recipe, force):
 def _generate_structured(model, tokenizer, messages, structured: dict, sampling: dict, verbose: bool) -> None:
     """Streams text; tool calls are printed at the end as an OpenAI `tool_calls` JSON list."""
     from .generate import stream_chat_completion
+    from .tools import merge_call_deltas
 
     calls: dict = {}
     last = None
     for last in stream_chat_completion(model, tokenizer, messages, **structured, **sampling):
         delta = last["delta"]
         click.echo(delta.get("content", ""), nl=False)
-        for piece in delta.get("tool_calls", []):
-            call = calls.setdefault(piece["index"], {"id": piece.get("id"), "type": "function",
-                                                     "function": {"name": "", "arguments": ""}})
-            call["function"]["name"] += piece.get("function", {}).get("name", "")
-            call["function"]["arguments"] += piece.get("function", {}).get("arguments", "")
+        merge_call_deltas(calls, delta.get("tool_calls", []))
     if calls and last["finish_reason"] == "tool_calls":
         click.echo(json.dumps([calls[i] for i in sorted(calls)], indent=2, ensure_ascii=False), nl=False)
     click.echo()

@@ -124,6 +124,16 @@ def parse_reply(tokens: list[int], tokenizer) -> dict:
 
 # ---------------------------------------------------------------------------- streaming
 
+def merge_call_deltas(calls: dict[int, dict], pieces: list[dict]) -> None:
+    """Fold streamed `delta["tool_calls"]` pieces into whole OpenAI calls, keyed by index."""
+    for piece in pieces:
+        call = calls.setdefault(piece["index"], {"id": piece.get("id"), "type": "function",
+                                                 "function": {"name": "", "arguments": ""}})
+        function = piece.get("function", {})
+        call["function"]["name"] += function.get("name", "")
+        call["function"]["arguments"] += function.get("arguments", "")
+
+
 @dataclass
 class _Call:
     index: int
