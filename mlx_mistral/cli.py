@@ -121,13 +121,15 @@ def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, cont
 
     structured = structured_kwargs(tools, tool_choice, json_schema)
     kv = kv_options(kw)
+    folder = resolve(model)  # once: for a hub id this asks the hub (and may convert)
     if context is None:
-        context = read_config(resolve(model)).get("max_position_embeddings", 32768)
-    m, tokenizer, cached = _load_with_prompt_cache(model, prompt_cache_file, context, kv)
+        context = read_config(folder).get("max_position_embeddings", 32768)
+    m, tokenizer, cached = _load_with_prompt_cache(str(folder), prompt_cache_file, context, kv)
     conversation = cached.conversation if cached else ConversationCache(m, **kv)
     if cached and cached.tools and "tools" not in structured:
         structured["tools"] = cached.tools
-    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling={**sampling_kwargs(kw), **speculation_kwargs(kw, m, tokenizer)},
+    sampling = {**sampling_kwargs(kw), **speculation_kwargs(kw, m, tokenizer)}
+    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling=sampling,
                 cache=conversation, document=cached.document if cached else None, **structured).run()
 
 
