@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..errors import MistralError
+from ..errors import MistralError, first_line
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # one layout only: the real repo holds the same 47 GB twice (consolidated and HF shards)
@@ -21,11 +21,6 @@ def is_hub_id(src: str | Path) -> bool:
     return not Path(src).expanduser().exists() and bool(HUB_ID.match(str(src)))
 
 
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def repo_info(repo: str) -> tuple[list[str], list[str]]:
     """(file names, tags) of a hub model repo."""
     from huggingface_hub import HfApi
@@ -35,7 +30,7 @@ def repo_info(repo: str) -> tuple[list[str], list[str]]:
     # the hub client raises transport errors of whichever HTTP library it bundles, plus its own
     # HTTP and offline-mode errors; all of them mean the same thing to the user here
     except Exception as e:  # noqa: BLE001
-        raise MistralError(f"cannot reach the Hugging Face Hub for {repo}: {_first_line(e)}") from e
+        raise MistralError(f"cannot reach the Hugging Face Hub for {repo}: {first_line(e)}") from e
     return [s.rfilename for s in info.siblings or []], list(info.tags or [])
 
 
@@ -56,7 +51,7 @@ def download(repo: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001  (as in repo_info)
-        raise MistralError(f"cannot download {repo}: {_first_line(e)}") from e
+        raise MistralError(f"cannot download {repo}: {first_line(e)}") from e
 
 
 def cached_snapshot(repo: str, patterns: list[str]) -> Optional[Path]:

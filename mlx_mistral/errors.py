@@ -3,3 +3,9 @@
 
 class MistralError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .errors import MistralError
+from .errors import MistralError, first_line
 from .model import Model
 from .tokenizer import load_tokenizer
 
@@ -105,7 +105,7 @@ def config_only(path_or_hub_id: str | Path) -> tuple[dict, Optional[int]]:
     try:
         return read_config(Path(hf_hub_download(str(path_or_hub_id), "config.json")).parent), None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise MistralError(f"cannot download the config of {path_or_hub_id}: {str(e).splitlines()[0]}") from e
+        raise MistralError(f"cannot download the config of {path_or_hub_id}: {first_line(e)}") from e
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -130,7 +130,7 @@ def load_weights(folder: Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError, OSError) as e:
-            raise MistralError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+            raise MistralError(f"cannot read {f}: {first_line(e)}") from e
     return weights
 
 
@@ -161,7 +161,7 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise MistralError(f"weights in {folder} do not match config.json: {str(e).splitlines()[0]}") from e
+        raise MistralError(f"weights in {folder} do not match config.json: {first_line(e)}") from e
     del weights  # the model holds them now; fusing replaces them, and nothing else may keep them
     dtype = dtype or compute_dtype()
     if dtype is not None:

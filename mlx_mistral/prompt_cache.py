@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from .cache import KEEP, ConversationCache, KVCache, KVSettings, RotatingKVCache, common_prefix_length
-from .errors import MistralError
+from .errors import MistralError, first_line
 from .generate import prefill
 
 FORMAT = "mlx-mistral-prompt-cache/1"
@@ -141,7 +141,7 @@ def load_prompt_cache_file(path: str | Path, model, *, kv_bits: Optional[int] = 
     try:
         cache, meta = load_prompt_cache(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError, KeyError) as e:
-        raise MistralError(f"cannot read prompt cache {path}: {str(e).splitlines()[0]}") from e
+        raise MistralError(f"cannot read prompt cache {path}: {first_line(e)}") from e
     remake = "remake it with `mlx-mistral cache-prompt` for this model and these settings"
     if meta["model"] != model_fingerprint(model):
         raise MistralError(f"{path} was made for another model (fingerprint {meta['model']}, "
