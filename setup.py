@@ -28,6 +28,6 @@ class OptionalNativeBuild(build_ext):
 
 setup(
     ext_modules=[Extension("mlx_mistral.kernels._cpu_qmm", sources=["mlx_mistral/kernels/cpu_qmm.c"],
-                           depends=["mlx_mistral/kernels/cpu_pool.h"])],
+                           depends=["mlx_mistral/kernels/cpu_pool.h", "mlx_mistral/kernels/cpu_model.h"])],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

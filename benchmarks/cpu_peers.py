@@ -150,11 +150,13 @@ def peers(args) -> dict:
 
     lm_model, lm_tok = mlx_lm_load(str(folder))
     ids = lm_tok.encode(PROMPT_TEXT)[: args.prompt]
-    ours = load_model(folder)
-    swapped = cpu.use_native_kernels(ours)
+    ours = load_model(folder)  # the native decoder: one C call per forward
+    per_op = load_model(folder)  # the same kernels called per matmul, MLX ops in between
+    per_op.native = False
     cpu.set_threads(args.threads)
     runners = {
-        "mlx-mistral (native kernels)": lambda: run_mlx_mistral(ours, ids, args.decode),
+        "mlx-mistral (native decoder)": lambda: run_mlx_mistral(ours, ids, args.decode),
+        "mlx-mistral (per-op kernels)": lambda: run_mlx_mistral(per_op, ids, args.decode),
         "mlx-lm": lambda: run_mlx_lm(lm_model, lm_tok, ids, args.decode),
     }
     if importlib.util.find_spec("llama_cpp"):
@@ -187,14 +189,13 @@ def peers(args) -> dict:
             res["decode_vs_llama_cpp"] = res["decode_tps"] / ref["decode_tps"]
     boundary = boundary_cost_us()
     cpu.set_threads(args.threads)
-    calls = sum(1 for m in ours.modules() if isinstance(m, cpu.NativeQuantizedLinear) and
-                (not m._siblings or m._siblings[1] == 0)) + 1  # sibling groups call once; + the head
+    calls = 4 * len(per_op.layers) + 1  # per-op path: qkv, o, gate/up, down per block; the head
     return {"model": "SmolLM2-135M-Instruct", "format": "MLX affine 4-bit g64 (llama.cpp: Q4_1 GGUF)",
             "load_average_before_after": [load_before, os.getloadavg()[0]],
-            "native_calls_per_decode_token": calls, "call_cost_us": boundary,
+            "native_decoder": ours.native_decoder() is not None,
+            "per_op_native_calls_per_decode_token": calls, "call_cost_us": boundary,
             "prompt_tokens": len(ids), "decode_tokens": args.decode, "threads": args.threads,
-            "rounds": args.rounds, "kernels": cpu.describe(), "layers_on_native_kernels": swapped,
-            "results": best, "failed": failures}
+            "rounds": args.rounds, "kernels": cpu.describe(), "results": best, "failed": failures}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -207,7 +208,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in zip(axes, ("prefill_tps", "decode_tps"), ("prefill", "decode")):
         values = [report["results"][n][key] for n in names]
-        bars = ax.bar(range(len(names)), values, color=["tab:orange", "tab:gray", "tab:blue"][: len(names)])
+        bars = ax.bar(range(len(names)), values, color=["tab:orange", "tab:olive", "tab:gray", "tab:blue"][: len(names)])
         ax.bar_label(bars, fmt="%.1f")
         ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.set_ylabel("tokens/s")
@@ -220,7 +221,6 @@ def plot(report: dict, path: Path) -> None:
 def big(args) -> dict:
     """Decode rate of a large model folder and the weight bandwidth it implies."""
     model = load_model(args.big)
-    swapped = cpu.use_native_kernels(model)
     cpu.set_threads(args.threads)
     # bytes read per decoded token: every matrix except the embedding table (one row of it)
     read = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "embed_tokens" not in k)
@@ -231,7 +231,8 @@ def big(args) -> dict:
     print(f"{args.big}: decode {res['decode_tps']:.2f} tok/s, {res['gb_per_s']:.1f} GB/s of weights "
           f"({read / 1e9:.2f} GB per token); prefill {res['prefill_tps']:.1f} tok/s")
     return {"model": str(args.big), "load_average_after": os.getloadavg()[0], "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
-            "threads": args.threads, "kernels": cpu.describe(), "layers_on_native_kernels": swapped, **res}
+            "threads": args.threads, "kernels": cpu.describe(),
+            "native_decoder": model.native_decoder() is not None, **res}
 
 
 def main() -> None:
@@ -249,7 +250,8 @@ def main() -> None:
         (RESULTS / "big_model.json").write_text(json.dumps(report, indent=2))
         return
     report.update(peers(args))
-    print(f"native calls per decoded token: {report['native_calls_per_decode_token']}, per-call cost (us): "
+    print(f"native decoder: {report['native_decoder']}; the per-op path makes "
+          f"{report['per_op_native_calls_per_decode_token']} native calls per token, each costing (us): "
           + ", ".join(f"{k} {v:.1f}" for k, v in report["call_cost_us"].items()))
     name = "cpu_peers" if args.threads == 2 else f"cpu_peers_{args.threads}thread"
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))

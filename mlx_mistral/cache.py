@@ -77,6 +77,29 @@ def make_cache(model, *, kv_bits: Optional[int] = None, kv_group_size: int = 64,
     return model.make_cache()
 
 
+def portable(cache: list) -> list:
+    """The caches as mlx-lm's own classes, which its prompt-cache files can name: the native
+    decoder's growing cache becomes a plain KVCache over the same arrays."""
+    from .kernels.cpu_model import NativeKVCache
+
+    out = []
+    for c in cache:
+        if isinstance(c, NativeKVCache):
+            plain = KVCache()
+            plain.keys, plain.values, plain.offset = c.keys, c.values, c.offset
+            c = plain
+        out.append(c)
+    return out
+
+
+def adopt(model, cache: list) -> list:
+    """Plain growing caches (from a file) in the kind `model.make_cache()` makes."""
+    kind = type(model.make_cache()[0])
+    if kind is KVCache or not all(type(c) is KVCache for c in cache):
+        return cache
+    return [kind.like(c) for c in cache]
+
+
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):

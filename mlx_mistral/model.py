@@ -6,6 +6,7 @@ folder, an mlx-lm folder and our converted folder all load without renaming.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -14,6 +15,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 
 from .config import ModelArgs
+from .kernels import dispatch
 from .kernels.layers import FusedGateUp, FusedLinear, concat_linears, dispatched
 
 
@@ -131,6 +133,8 @@ class Model(nn.Module):
         self.model = Transformer(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.native = True  # False: never the native CPU decoder (kernels/cpu_model.py)
+        self._decoder = None  # the native decoder once built; False where it cannot run
 
     @classmethod
     def from_config(cls, args: ModelArgs) -> "Model":
@@ -138,10 +142,42 @@ class Model(nn.Module):
         return cls(args)
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
-        h = self.model(tokens, cache)  # (B, T, hidden)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)  # (B, T, vocab)
-        return self.lm_head(h)  # (B, T, vocab)
+        decoder = self.native_decoder()
+        if decoder is not None and decoder.accepts(tokens, cache):
+            return decoder(tokens, cache)
+        return self.head(self.model(tokens, cache))  # (B, T, vocab)
+
+    def update(self, parameters: dict, strict: bool = True) -> "Model":
+        self._decoder = None  # new weights (load, set_dtype, quantize): the decoder is rebuilt
+        return super().update(parameters, strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
+        self._decoder = None
+        return super().update_modules(modules, strict)
+
+    def head(self, h: mx.array) -> mx.array:
+        """The output head: (B, T, hidden) -> (B, T, vocab); quantized through the dispatcher."""
+        if not self.args.tie_word_embeddings:
+            return self.lm_head(h)
+        embed = self.model.embed_tokens
+        if isinstance(embed, nn.QuantizedEmbedding):
+            return dispatch.quantized_matmul(h, embed["weight"], embed["scales"], embed.get("biases"),
+                                             group_size=embed.group_size, bits=embed.bits,
+                                             mode=getattr(embed, "mode", "affine"))
+        return embed.as_linear(h)
+
+    def native_decoder(self):
+        """The native CPU decoder for this model, or None (not on the CPU backend, turned off,
+        kernels missing, or a weight format they do not cover). Built on first use."""
+        if not self.native or self._decoder is False:
+            return None
+        if self._decoder is None:
+            from .kernels import cpu_model
+
+            usable = (dispatch.backend() == "cpu" and os.environ.get("MLX_MISTRAL_NATIVE_DECODER") != "0"
+                      and cpu_model.NativeDecoder.supports(self) is None)
+            self._decoder = cpu_model.NativeDecoder(self) if usable else False
+        return self._decoder or None
 
     @property
     def layers(self) -> list:
@@ -150,6 +186,7 @@ class Model(nn.Module):
     def fuse(self) -> "Model":
         """Fuse q/k/v and gate/up per layer and route quantized matmuls through the kernel
         dispatcher. Run after the weights load (they load under their HF names)."""
+        self._decoder = None
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
@@ -158,6 +195,11 @@ class Model(nn.Module):
         return self
 
     def make_cache(self) -> list:
+        """Growing K/V caches, in the native decoder's own kind where it runs."""
+        if self.native_decoder() is not None:
+            from .kernels.cpu_model import NativeKVCache
+
+            return [NativeKVCache() for _ in self.layers]
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from .cache import KEEP, ConversationCache, KVCache, KVSettings, RotatingKVCache, common_prefix_length
+from .cache import KEEP, ConversationCache, KVCache, KVSettings, RotatingKVCache, adopt, common_prefix_length, portable
 from .errors import MistralError, first_line
 from .generate import prefill
 
@@ -106,7 +106,7 @@ def cache_prompt(model, tokenizer, out: str | Path, *, system: Optional[str] = N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.safetensors")
     try:
-        save_prompt_cache(str(tmp), conversation.cache, metadata)
+        save_prompt_cache(str(tmp), portable(conversation.cache), metadata)
         os.replace(tmp, out)  # a reader never sees half a file
     finally:
         tmp.unlink(missing_ok=True)
@@ -158,6 +158,8 @@ def load_prompt_cache_file(path: str | Path, model, *, kv_bits: Optional[int] = 
     tokens = json.loads(meta["tokens"])
     if max_kv_size is not None:
         cache = [_as_rotating(c, max_kv_size) for c in cache]
+    elif kv_bits is None:
+        cache = adopt(model, cache)
     conversation = ConversationCache(model, kv_bits=kv_bits, kv_group_size=kv_group_size,
                                      max_kv_size=max_kv_size, cache=cache, tokens=tokens)
     return PromptCacheFile(conversation, meta["system"] or None, meta["document"] or None,

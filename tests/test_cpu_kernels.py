@@ -158,6 +158,7 @@ def test_smollm2_4bit_logits_and_greedy_tokens_match_mlx(smollm2_dir):
     model = load_model(smollm2_dir, fuse=False)  # plain nn.QuantizedLinear: MLX's op is the reference
     nn.quantize(model, group_size=64, bits=4)  # every Linear and the tied embedding
     mx.eval(model.parameters())
+    model.native = False  # per-matmul kernels here; the whole-model decoder: test_native_decoder.py
     short = mx.array([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])  # within the native head's row limit
     prompt = mx.array([1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
                        411, 407, 19712, 8182, 2, 198, 1, 520, 9531, 198])  # 25 ids: prefill takes the GEMM path

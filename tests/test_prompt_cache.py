@@ -106,3 +106,18 @@ def test_cli_chat_reuses_the_file_and_the_conversation(tiny_dir, cache_file):
     assert r.exit_code == 0, r.output
     cached = [int(n) for n in re.findall(r"(\d+) cached", r.output)]
     assert len(cached) == 2 and 100 < cached[0] < cached[1]  # the document, then the whole first turn
+
+
+def test_quantized_model_round_trip_through_the_native_decoder(tiny_q4_dir, tmp_path):
+    """A 4-bit model on the CPU keeps its K/V in the native decoder's caches: the file still
+    names mlx-lm's classes, and loading hands the decoder its own kind back."""
+    model, tok = load(tiny_q4_dir)
+    if model.native_decoder() is None:
+        pytest.skip("the native CPU decoder does not run here")
+    path = cache_prompt(model, tok, tmp_path / "q4", system=SYSTEM, document=DOCUMENT)
+    loaded = load_prompt_cache_file(path, model)
+    assert type(loaded.conversation.cache[0]) is type(model.make_cache()[0])
+    messages = loaded.messages("When was it built?")
+    reused, last = _tokens(model, tok, messages, prompt_cache=loaded.conversation, tools=loaded.tools)
+    fresh, _ = _tokens(model, tok, messages)
+    assert reused == fresh and last.cached_tokens > 100

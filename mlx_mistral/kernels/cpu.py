@@ -111,7 +111,7 @@ def describe() -> str:
     lib, how = _library()
     if lib is None:
         return f"MLX's own quantized matmul (native CPU kernels unavailable: {how})"
-    simd = {2: "AVX2/FMA"}.get(lib.mm_simd(), "portable C")
+    simd = {2: "AVX2/FMA", 3: "AVX-512/AVX2/FMA"}.get(lib.mm_simd(), "portable C")
     return f"native CPU kernels ({simd}, {lib.mm_threads()} threads, {how})"
 
 

@@ -17,12 +17,12 @@ typedef struct job {
     const void* a;  /* what fn reads */
     int64_t n;
     atomic_llong next;
-    int active;  /* workers inside run_chunks; guarded by g_mu */
+    atomic_int active;  /* workers inside run_chunks: joined under g_mu, left without it */
     long gen;
 } job_t;
 
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER, g_call_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t g_wake = PTHREAD_COND_INITIALIZER, g_idle = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t g_wake = PTHREAD_COND_INITIALIZER;
 static job_t* g_job = NULL;
 static atomic_long g_gen = 0;
 static int g_threads = 0;  /* per job, the caller included; 0 until first use */
@@ -65,9 +65,7 @@ static void* worker(void* arg) {
         j->active++;
         pthread_mutex_unlock(&g_mu);
         run_chunks(j);
-        pthread_mutex_lock(&g_mu);
-        if (--j->active == 0) pthread_cond_signal(&g_idle);
-        pthread_mutex_unlock(&g_mu);
+        atomic_fetch_sub(&j->active, 1);  /* the last touch of j: the caller may return now */
     }
     return NULL;
 }
@@ -106,8 +104,15 @@ static void run_job(chunk_fn fn, const void* a, int64_t n, int64_t bytes) {
     if (!alone) {
         pthread_mutex_lock(&g_mu);
         g_job = NULL;  /* no one joins from here on; wait for chunks already claimed */
-        while (j.active > 0) pthread_cond_wait(&g_idle, &g_mu);
         pthread_mutex_unlock(&g_mu);
+        /* spin: a claimed chunk ends within microseconds, and a futex wake-up costs more than
+         * that on a VM; yield the core if a worker was descheduled mid-chunk */
+        for (int s = 0; atomic_load(&j.active) > 0; s++) {
+            if (s < 4096)
+                cpu_relax();
+            else
+                sched_yield();
+        }
     }
     pthread_mutex_unlock(&g_call_mu);
 }

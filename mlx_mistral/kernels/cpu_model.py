@@ -1,0 +1,233 @@
+"""The decoder stack in one native call per forward on MLX's CPU backend (cpu_model.h).
+
+Why: on the CPU every MLX op costs 7-40 us of scheduling around its work, and every native
+matmul called through ctypes is an eval boundary. A SmolLM2 decode step is ~450 ops and 121
+such calls, ~45 ms, of which reading the weights is ~5 ms. Here the whole step is one C call:
+embedding rows, per block RMSNorm, q/k/v, RoPE, the K/V cache write, attention, o, RMSNorm,
+gate/up, SiLU-multiply, down, residuals, the final norm, and the head for up to
+`HEAD_ROWS` tokens (wider calls get their logits from the lazy MLX head, so prefill chunks,
+whose logits nobody reads, never compute them).
+
+The K/V cache stays mlx-lm's `KVCache` layout, as a subclass (`NativeKVCache`) whose float32
+buffers the C code writes in place. Everything else keeps working on it unchanged: trimming
+(speculation, conversation reuse), `state` for prompt-cache files, and MLX's own attention if
+a forward ever takes the MLX path (which marks the buffers foreign, so the next native call
+copies them into fresh ones of its own).
+
+The model is used as it is when the decoder is built (first forward): later changes to its
+weights are not seen. `Model.native = False` turns the decoder off for one model,
+MLX_MISTRAL_NATIVE_DECODER=0 for the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from . import cpu
+
+HEAD_ROWS = 8  # tokens per call whose logits the C call computes (decode, draft verification)
+MAX_ROWS = 512  # tokens per C call: bounds its scratch (512 x 2F floats for gate/up)
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("bi", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("K", ctypes.c_int64), ("dt", ctypes.c_int), ("gs", ctypes.c_int), ("bits", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", _Mat * 3),
+                ("n_qkv", ctypes.c_int), ("o", _Mat), ("gu", _Mat * 2), ("n_gu", ctypes.c_int), ("down", _Mat)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("H", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("F", ctypes.c_int64), ("n_layers", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("rope_base", ctypes.c_float), ("scale", ctypes.c_float),
+                ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Mat)]
+
+
+class NativeKVCache(KVCache):
+    """mlx-lm's KVCache whose float32 buffers the native decoder owns and writes in place.
+
+    `views` holds numpy views of the two buffers while they are ours; anything that replaces
+    or updates them through MLX (the `keys`/`values` setters, `update_and_fetch`) drops them."""
+
+    def __init__(self):
+        self.views: Optional[tuple[np.ndarray, np.ndarray]] = None
+        super().__init__()
+
+    @property
+    def keys(self):
+        return self._keys
+
+    @keys.setter
+    def keys(self, value):
+        self._keys, self.views = value, None
+
+    @property
+    def values(self):
+        return self._values
+
+    @values.setter
+    def values(self, value):
+        self._values, self.views = value, None
+
+    def update_and_fetch(self, keys, values):
+        self.views = None  # MLX rewrites the buffers (possibly into new memory)
+        return super().update_and_fetch(keys, values)
+
+    def reserve(self, n_kv: int, head_dim: int, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """Buffers of our own holding at least `need` positions, the first `offset` copied over."""
+        if self.views is not None and self.views[0].shape[2] >= need:
+            return self.views
+        cap = -(-need // self.step) * self.step
+        fresh = [np.zeros((1, n_kv, cap, head_dim), np.float32) for _ in range(2)]
+        if self.offset:
+            old = [a[..., : self.offset, :].astype(mx.float32) for a in (self._keys, self._values)]
+            mx.eval(old)
+            for dst, src in zip(fresh, old):
+                dst[..., : self.offset, :] = np.asarray(src)
+        arrays = [mx.array(a) for a in fresh]  # MLX's own contiguous copies; we write into them
+        mx.eval(arrays)
+        views = tuple(np.asarray(a) for a in arrays)
+        if any(v.base is None or not v.flags.c_contiguous for v in views):
+            raise RuntimeError("MLX did not expose the K/V buffers in place")
+        self._keys, self._values = arrays
+        self.views = views
+        return views
+
+    @classmethod
+    def like(cls, cache: KVCache) -> "NativeKVCache":
+        """The same keys, values and offset in a NativeKVCache."""
+        out = cls()
+        out.keys, out.values, out.offset = cache.keys, cache.values, cache.offset
+        return out
+
+
+def _quantized(module) -> bool:
+    return (module is not None and "scales" in module and "biases" in module and "bias" not in module
+            and getattr(module, "mode", "affine") == "affine"
+            and cpu.supports(getattr(module, "group_size", 0), getattr(module, "bits", 0))
+            and module["scales"].dtype in cpu.DTYPE_CODES)
+
+
+def _norm(module: nn.Module) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(module.weight.astype(mx.float32)), dtype=np.float32)
+
+
+class NativeDecoder:
+    """The model's weights as C structs (pointers into MLX's buffers, held alive here)."""
+
+    def __init__(self, model):
+        args = model.args
+        self.args = args
+        self.packs: list = []  # keep every Packed (its numpy views pin the MLX buffers)
+        self.norms: list[np.ndarray] = []
+        layers = (_Layer * len(model.layers))()
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            qkv = [attn.qkv_proj.linear] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+            gu = [mlp.gate_up_proj.linear] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+            L = layers[i]
+            L.attn_norm = self._norm_ptr(block.input_layernorm)
+            L.mlp_norm = self._norm_ptr(block.post_attention_layernorm)
+            for j, m in enumerate(qkv):
+                L.qkv[j] = self._mat(m)
+            L.n_qkv = len(qkv)
+            L.o = self._mat(attn.o_proj)
+            for j, m in enumerate(gu):
+                L.gu[j] = self._mat(m)
+            L.n_gu = len(gu)
+            L.down = self._mat(mlp.down_proj)
+        self.layers = layers
+        embed = model.model.embed_tokens
+        self.embed = self._mat(embed) if _quantized(embed) else None
+        head = embed if args.tie_word_embeddings else model.lm_head
+        md = _Model(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+                    args.intermediate_size, len(model.layers), args.rms_norm_eps, args.rope_theta,
+                    args.head_dim**-0.5, ctypes.cast(layers, ctypes.c_void_p), self._norm_ptr(model.model.norm))
+        if _quantized(head):
+            md.head = self._mat(head)
+        self.has_head = _quantized(head)
+        self.md = md
+        self.model = model
+        self.lib = cpu._library()[0]
+        self.lib.mm_model_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.mm_embed.argtypes = [ctypes.POINTER(_Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+
+    @staticmethod
+    def supports(model) -> Optional[str]:
+        """None if the decoder can run this model, else why not."""
+        if not cpu.available():
+            return cpu._library()[1]
+        args = model.args
+        if args.num_attention_heads % args.num_key_value_heads or args.head_dim % 2:
+            return "head layout"
+        for block in model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            mats = ([attn.qkv_proj.linear] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj])
+            mats += [attn.o_proj, mlp.down_proj]
+            mats += [mlp.gate_up_proj.linear] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+            if not all(_quantized(m) for m in mats):
+                return "a projection is not affine 4/8-bit with group 32/64/128"
+        return None
+
+    def _norm_ptr(self, module) -> int:
+        w = _norm(module)
+        self.norms.append(w)
+        return w.ctypes.data
+
+    def _mat(self, module) -> _Mat:
+        p = cpu.Packed(module["weight"], module["scales"], module["biases"], module.group_size, module.bits)
+        self.packs.append(p)
+        return _Mat(p.w, p.scales, p.biases, p.N, p.K, p.dtype, p.group_size, p.bits)
+
+    @staticmethod
+    def accepts(tokens: mx.array, cache: Optional[list]) -> bool:
+        return tokens.ndim == 2 and tokens.shape[0] == 1 and tokens.shape[1] > 0 and (
+            cache is None or all(type(c) is NativeKVCache for c in cache))
+
+    def _embed(self, tokens: mx.array, ids: np.ndarray) -> np.ndarray:
+        x = np.empty((ids.size, self.args.hidden_size), np.float32)
+        if self.embed is None:
+            x[:] = np.asarray(self.model.model.embed_tokens(tokens[0]).astype(mx.float32))
+        elif self.lib.mm_embed(ctypes.byref(self.embed), ids.ctypes.data, ids.size, x.ctypes.data) != 0:
+            raise ValueError(f"token id out of range 0..{self.args.vocab_size - 1}")
+        return x
+
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
+        """logits (1, T, vocab) of `tokens` (1, T), appending their K/V to `cache`."""
+        args = self.args
+        cache = cache if cache is not None else [NativeKVCache() for _ in self.model.layers]
+        ids = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int32)
+        T = ids.size
+        offset = cache[0].offset
+        if any(c.offset != offset for c in cache):
+            raise ValueError("the layers' caches hold different numbers of tokens")
+        views = [c.reserve(args.num_key_value_heads, args.head_dim, offset + T) for c in cache]
+        kp = (ctypes.c_void_p * len(cache))(*[v[0].ctypes.data for v in views])
+        vp = (ctypes.c_void_p * len(cache))(*[v[1].ctypes.data for v in views])
+        caps = (ctypes.c_int64 * len(cache))(*[v[0].shape[2] for v in views])
+        x = self._embed(tokens, ids)
+        want_logits = T <= HEAD_ROWS and self.has_head
+        logits = np.empty((T, args.vocab_size), np.float32) if want_logits else None
+        for start in range(0, T, MAX_ROWS):
+            rows = min(MAX_ROWS, T - start)
+            last = start + rows == T
+            rc = self.lib.mm_model_forward(ctypes.byref(self.md), x[start:].ctypes.data, rows, offset + start, kp, vp,
+                                           caps, logits.ctypes.data if (last and want_logits) else None)
+            if rc != 0:
+                raise ValueError("the native decoder does not support this model's format")
+        for c in cache:
+            c.offset += T
+        if want_logits:
+            return mx.array(logits)[None]
+        return self.model.head(mx.array(x)[None])

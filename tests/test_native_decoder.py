@@ -1,0 +1,177 @@
+"""The native CPU decoder (one C call per forward) against the MLX-ops path of the same model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from mlx_mistral.cache import ConversationCache
+from mlx_mistral.generate import generate_step
+from mlx_mistral.kernels import _build, cpu, cpu_model
+from mlx_mistral.load import load_model
+
+pytestmark = pytest.mark.skipif(_build.compiler() is None, reason="no C compiler to build the native kernels")
+
+PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
+          411, 407, 19712, 8182, 2, 198, 1, 520, 9531, 198]  # a SmolLM2 chat prompt, 25 ids
+
+
+def quantized_copy(folder, group_size: int, bits: int, fuse: bool = True):
+    """The folder's model quantized here (every Linear and the embedding), and its twin with the
+    native decoder off (MLX ops, the dispatcher's per-matmul kernels) as the reference."""
+    pair = []
+    for native in (True, False):
+        model = load_model(folder, fuse=False)
+        nn.quantize(model, group_size=group_size, bits=bits)
+        if fuse:
+            model.fuse()
+        mx.eval(model.parameters())
+        model.native = native
+        pair.append(model)
+    return pair
+
+
+def scaled_err(got, want) -> float:
+    got, want = np.array(got, np.float32), np.array(want, np.float32)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def run(model, chunks: list[list[int]]) -> list[np.ndarray]:
+    """Feed the chunks one after another through one cache; the logits of each."""
+    cache = model.make_cache()
+    return [np.array(model(mx.array([c]), cache=cache)) for c in chunks]
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4(smollm2_dir):
+    return quantized_copy(smollm2_dir, 64, 4)
+
+
+def test_smollm2_logits_and_greedy_tokens_match_the_mlx_path(smollm2_q4):
+    native, ref = smollm2_q4
+    assert native.native_decoder() is not None and ref.native_decoder() is None
+    assert type(native.make_cache()[0]) is cpu_model.NativeKVCache
+    # prefill (C head for <= 8 rows, MLX head above), then single-token decode steps
+    chunks = [PROMPT[:8], PROMPT[8:], [28], [7018], PROMPT[:3]]
+    for got, want in zip(run(native, chunks), run(ref, chunks)):
+        assert got.shape == want.shape
+        assert scaled_err(got, want) < 1e-4  # hidden states reach ~25,000: the logits' own scale
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    got = [t for t, _ in generate_step(mx.array(PROMPT), native, max_tokens=24)]
+    want = [t for t, _ in generate_step(mx.array(PROMPT), ref, max_tokens=24)]
+    assert got == want
+
+
+def test_long_inputs_run_in_several_native_calls(smollm2_q4, monkeypatch):
+    native, ref = smollm2_q4
+    monkeypatch.setattr(cpu_model, "MAX_ROWS", 7)  # 25 ids: four calls, the last one 4 rows
+    for got, want in zip(run(native, [PROMPT, [28]]), run(ref, [PROMPT, [28]])):
+        assert scaled_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("group_size,bits,fuse", [(32, 4, True), (128, 4, False), (64, 8, True), (32, 8, False)])
+def test_mistral_quirks_every_format(tiny_dir, group_size, bits, fuse):
+    """head_dim 16 (not hidden/heads), 4:1 GQA, theta 1e8, untied head; fused or separate q/k/v."""
+    native, ref = quantized_copy(tiny_dir, group_size, bits, fuse)
+    assert native.native_decoder() is not None
+    ids = list(range(5, 45))
+    chunks = [ids[:20], ids[20:25], [7], [8], ids[25:]]  # 20 rows: attention through BLAS
+    for got, want in zip(run(native, chunks), run(ref, chunks)):
+        assert scaled_err(got, want) < 1e-4
+
+
+def test_cache_trim_and_mlx_path_writes_stay_consistent(smollm2_q4):
+    native, ref = smollm2_q4
+    cache = native.make_cache()
+    native(mx.array([PROMPT]), cache=cache)
+    for c in cache:
+        c.trim(5)  # speculation and conversation reuse roll back like this
+    native.native = False  # the MLX path appends to the same caches (its own buffers)...
+    native(mx.array([[198, 1]]), cache=cache)
+    native.native = True  # ...and the decoder takes them over again
+    got = np.array(native(mx.array([[520]]), cache=cache))
+    want = run(ref, [PROMPT[:-5] + [198, 1], [520]])[1]
+    assert cache[0].offset == len(PROMPT) - 5 + 3
+    assert scaled_err(got, want) < 1e-4
+
+
+def test_conversation_cache_reuses_the_native_prefix(smollm2_q4):
+    native, _ = smollm2_q4
+    conv = ConversationCache(native)
+    first = [t for t, _ in conv.follow(PROMPT, generate_step(mx.array(PROMPT), native, max_tokens=4,
+                                                                prompt_cache=conv.cache))]
+    again = PROMPT + first + [2, 198]
+    reused = conv.reuse(again)
+    assert reused > len(PROMPT)
+    fresh = [t for t, _ in generate_step(mx.array(again), native, max_tokens=6)]
+    cont = [t for t, _ in generate_step(mx.array(again[reused:]), native, max_tokens=6, prompt_cache=conv.cache)]
+    assert cont == fresh
+
+
+def test_state_round_trips_through_plain_kv_caches(smollm2_q4):
+    native, _ = smollm2_q4
+    cache = native.make_cache()
+    native(mx.array([PROMPT]), cache=cache)
+    plain = []
+    for c in cache:  # what a prompt-cache file holds
+        p = KVCache()
+        p.state = c.state
+        plain.append(p)
+    adopted = [cpu_model.NativeKVCache.like(p) for p in plain]
+    got = np.array(native(mx.array([[28]]), cache=adopted))
+    want = np.array(native(mx.array([[28]]), cache=cache))
+    assert scaled_err(got, want) < 1e-6
+
+
+def test_dense_models_and_the_switches_keep_the_mlx_path(tiny, smollm2_q4, monkeypatch):
+    model, _ = tiny  # bf16 checkpoint computing in float32, not quantized: nothing native to run
+    assert model.native_decoder() is None
+    assert type(model.make_cache()[0]) is KVCache
+    native, _ = smollm2_q4
+    monkeypatch.setenv("MLX_MISTRAL_NATIVE_DECODER", "0")
+    native._decoder = None
+    assert native.native_decoder() is None
+    monkeypatch.delenv("MLX_MISTRAL_NATIVE_DECODER")
+    native._decoder = None
+    assert native.native_decoder() is not None
+
+
+def test_new_weights_rebuild_the_decoder(smollm2_q4):
+    native, _ = smollm2_q4
+    before = native.native_decoder()
+    native.update({})  # load_weights, set_dtype and quantize all go through update
+    assert native._decoder is None
+    assert native.native_decoder() is not before
+
+
+def test_out_of_range_token_is_a_clear_error(smollm2_q4):
+    native, _ = smollm2_q4
+    with pytest.raises(ValueError, match="token id out of range"):
+        native(mx.array([[49152]]), cache=native.make_cache())
+
+
+@pytest.fixture
+def avx2_only():
+    lib = cpu._library()[0]
+    lib.mm_use_avx512(0)
+    yield lib
+    lib.mm_use_avx512(1)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_avx512_gemv_matches_mlx_and_avx2(avx2_only, group_size):
+    if cpu._library()[0].mm_simd() < 2:
+        pytest.skip("no AVX2 on this machine")
+    for n, k in [(97, 640), (1, 128), (33, 4096), (16, 192)]:
+        k = max(group_size, k // group_size * group_size)
+        w, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(n)), group_size=group_size, bits=4)
+        x = mx.random.normal((1, k), key=mx.random.key(k))
+        want = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group_size, bits=4)
+        avx2 = cpu.quantized_matmul(x, w, s, b, group_size=group_size, bits=4)
+        avx2_only.mm_use_avx512(1)
+        wide = cpu.quantized_matmul(x, w, s, b, group_size=group_size, bits=4)
+        avx2_only.mm_use_avx512(0)
+        assert scaled_err(avx2, want) < 1e-5 and scaled_err(wide, want) < 1e-5, (n, k)
