@@ -79,7 +79,7 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
         _report(last, err=True)
         if last.speculation is not None:
             click.echo(last.speculation.summary(), err=True)
-        click.echo(runtime_summary(), err=True)
+        click.echo(runtime_summary(m, kv.get("kv_bits"), kv.get("max_kv_size")), err=True)
 
 
 def _load_with_prompt_cache(model: str, prompt_cache_file: Optional[str], context: int, kv: dict):

@@ -27,14 +27,22 @@ def compute_dtype() -> Optional[mx.Dtype]:
     return None if gpu else mx.float32
 
 
-def runtime_summary() -> str:
-    """Where the numbers come from, for --verbose."""
+def runtime_summary(model=None, kv_bits: Optional[int] = None, max_kv_size: Optional[int] = None) -> str:
+    """Where the numbers come from, for --verbose (with `model`: which forward path it takes)."""
     from . import _blas
     from .kernels import dispatch
 
     dtype = compute_dtype()
-    return (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
+    text = (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
             f"BLAS: {_blas.describe()}, kernels: {dispatch.describe()}")
+    if model is not None and dispatch.backend() == "cpu":
+        if model.native_decoder() is None:
+            text += ", forward: MLX ops"
+        elif kv_bits or max_kv_size:
+            text += ", forward: MLX ops (the native decoder keeps a plain KV cache: no --kv-bits/--max-kv-size)"
+        else:
+            text += ", forward: native CPU decoder (one C call per step)"
+    return text
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:

@@ -162,13 +162,16 @@ def avx2_only():
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_avx512_gemv_matches_mlx_and_avx2(avx2_only, group_size):
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 13, 32])
+def test_avx512_gemv_matches_mlx_and_avx2(avx2_only, group_size, M):
+    """The AVX-512 GEMVs (one input row; 2..32 rows in blocks of up to 8) against MLX's op and
+    against the AVX2 kernels (which take M < 12 here; dequantize + BLAS above)."""
     if cpu._library()[0].mm_simd() < 2:
         pytest.skip("no AVX2 on this machine")
     for n, k in [(97, 640), (1, 128), (33, 4096), (16, 192)]:
         k = max(group_size, k // group_size * group_size)
         w, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(n)), group_size=group_size, bits=4)
-        x = mx.random.normal((1, k), key=mx.random.key(k))
+        x = mx.random.normal((M, k), key=mx.random.key(k))
         want = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group_size, bits=4)
         avx2 = cpu.quantized_matmul(x, w, s, b, group_size=group_size, bits=4)
         avx2_only.mm_use_avx512(1)

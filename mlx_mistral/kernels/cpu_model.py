@@ -5,8 +5,8 @@ matmul called through ctypes is an eval boundary. A SmolLM2 decode step is ~450 
 such calls, ~45 ms, of which reading the weights is ~5 ms. Here the whole step is one C call:
 embedding rows, per block RMSNorm, q/k/v, RoPE, the K/V cache write, attention, o, RMSNorm,
 gate/up, SiLU-multiply, down, residuals, the final norm, and the head for up to
-`HEAD_ROWS` tokens (wider calls get their logits from the lazy MLX head, so prefill chunks,
-whose logits nobody reads, never compute them).
+`HEAD_ROWS` tokens (wider calls get their logits as a lazy MLX graph, dequantize + BLAS, so
+prefill chunks, whose logits nobody reads, never compute them).
 
 The K/V cache stays mlx-lm's `KVCache` layout, as a subclass (`NativeKVCache`) whose float32
 buffers the C code writes in place. Everything else keeps working on it unchanged: trimming
@@ -30,9 +30,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from . import cpu
+from . import cpu, dispatch
 
-HEAD_ROWS = 8  # tokens per call whose logits the C call computes (decode, draft verification)
+HEAD_ROWS = 16  # tokens per call whose logits the C call computes (decode, draft verification)
 MAX_ROWS = 512  # tokens per C call: bounds its scratch (512 x 2F floats for gate/up)
 
 
@@ -156,6 +156,7 @@ class NativeDecoder:
         if _quantized(head):
             md.head = self._mat(head)
         self.has_head = _quantized(head)
+        self.head = head
         self.md = md
         self.model = model
         self.lib = cpu._library()[0]
@@ -230,4 +231,12 @@ class NativeDecoder:
             c.offset += T
         if want_logits:
             return mx.array(logits)[None]
-        return self.model.head(mx.array(x)[None])
+        return self._lazy_head(mx.array(x)[None])
+
+    def _lazy_head(self, h: mx.array) -> mx.array:
+        """Logits of many rows as a lazy MLX graph: a prefill chunk's are never evaluated."""
+        if self.has_head:
+            head = self.head
+            return dispatch.dequantized_matmul(h, head["weight"], head["scales"], head["biases"],
+                                               group_size=head.group_size, bits=head.bits)
+        return self.model.head(h)

@@ -38,6 +38,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int,
 
 static sgemm_fn g_sgemm = 0;
 static int g_gemm_min_rows = 12;  /* below this M the row-dequant path beats dequant + sgemm */
+static int g_wide_max_rows = 32;  /* up to this M the AVX-512 multi-row GEMV beats dequant + sgemm */
 static const int64_t TILE_BYTES = 1 << 21;  /* fp32 weight tile handed to sgemm: ~L2 sized */
 /* GEMV software prefetch, in words ahead of the loads in each row (4 KB): the hardware
  * prefetcher alone left one core at 5.5 GB/s from DRAM on a 24B-shaped stream, this at 8.9 */
@@ -331,6 +332,78 @@ AVX512 static void gemv4_avx512(const float* xp, const float* xsum, int64_t K, c
     }
     free(buf);
 }
+
+/* MR (2..8) inputs against each row pair: every 16 dequantized weights feed MR FMAs, so the
+ * weights are read once for up to 8 tokens (draft verification, prefill chunks of a big model).
+ * xp: MR strided copies of x (2K floats each); two accumulator chains per input hide latency. */
+AVX512 static inline __attribute__((always_inline)) void gemv4_avx512_rows(
+    const float* xp, const float* xsum, int64_t K, const uint32_t* w, const void* sc, const void* bi, int dt, int gs,
+    int64_t n0, int64_t n1, float* y, int64_t ldy, float* buf, const int MR) {
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    int64_t G = K / gs, wpr = K / 8, B = K / 64;
+    float *s0 = buf, *b0 = buf + G, *s1 = buf + 2 * G, *b1 = buf + 3 * G;
+    for (int64_t n = n0; n < n1; n += 2) {
+        int two = n + 1 < n1;
+        const uint32_t* r0 = w + n * wpr;
+        const uint32_t* r1 = two ? r0 + wpr : r0;
+        load_pair(buf, sc, bi, dt, n, two, G);
+        __m512 tot[8];
+        for (int m = 0; m < MR; m++) tot[m] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {
+            _mm_prefetch((const char*)(r0 + 8 * b + PF_WORDS), _MM_HINT_T0);
+            _mm_prefetch((const char*)(r1 + 8 * b + PF_WORDS), _MM_HINT_T0);
+            __m512i W = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(r0 + 8 * b))),
+                                           _mm256_loadu_si256((const __m256i*)(r1 + 8 * b)), 1);
+            /* below 4 inputs, two chains each (even and odd t) keep the FMA pipes full; from 4
+             * on one chain each does, and leaves registers for up to 8 inputs */
+            const int SPLIT = MR <= 4;
+            __m512 ae[8], ao[8];
+            for (int m = 0; m < MR; m++) ae[m] = ao[m] = _mm512_setzero_ps();
+            for (int t = 0; t < 8; t += 2) {
+                __m512 qe = nib(W, t, table), qo = nib(W, t + 1, table);
+                for (int m = 0; m < MR; m++) {
+                    const float* xb = xp + m * 2 * K + b * 128 + t * 16;
+                    ae[m] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(xb), ae[m]);
+                    if (SPLIT)
+                        ao[m] = _mm512_fmadd_ps(qo, _mm512_loadu_ps(xb + 16), ao[m]);
+                    else
+                        ae[m] = _mm512_fmadd_ps(qo, _mm512_loadu_ps(xb + 16), ae[m]);
+                }
+            }
+            __m512 sv;
+            if (gs == 32) {
+                int64_t g = 2 * b;
+                sv = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_setr_ps(s0[g], s0[g + 1], s1[g], s1[g + 1])));
+            } else {
+                int64_t g = 64 * b / gs;
+                sv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(s0[g]))),
+                                                         _mm256_castps_pd(_mm256_set1_ps(s1[g])), 1));
+            }
+            for (int m = 0; m < MR; m++) tot[m] = _mm512_fmadd_ps(SPLIT ? _mm512_add_ps(ae[m], ao[m]) : ae[m], sv, tot[m]);
+        }
+        for (int m = 0; m < MR; m++) {
+            float bs0 = 0.f, bs1 = 0.f;
+            for (int64_t g = 0; g < G; g++) bs0 += b0[g] * xsum[m * G + g], bs1 += b1[g] * xsum[m * G + g];
+            y[m * ldy + n] = hsum8(_mm512_castps512_ps256(tot[m])) + bs0;
+            if (two) y[m * ldy + n + 1] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot[m]), 1))) + bs1;
+        }
+    }
+}
+
+AVX512 static void gemv4_avx512_mr(const float* xp, const float* xsum, int mr, int64_t K, const uint32_t* w,
+                                   const void* sc, const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y,
+                                   int64_t ldy, float* buf) {
+    switch (mr) {
+        case 2: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 2); break;
+        case 3: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 3); break;
+        case 4: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 4); break;
+        case 5: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 5); break;
+        case 6: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 6); break;
+        case 7: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 7); break;
+        default: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 8); break;
+    }
+}
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------------ */
@@ -399,6 +472,22 @@ int mm_simd(void) {
 /* cblas_sgemm of the process's optimized BLAS, or NULL to keep to our own kernels */
 void mm_set_sgemm(void* fn) { g_sgemm = (sgemm_fn)fn; }
 void mm_set_gemm_min_rows(int m) { g_gemm_min_rows = m; }
+void mm_set_wide_max_rows(int m) { g_wide_max_rows = m; }
+
+/* how mm_qmm computes M rows: */
+enum { P_GEMV, P_WIDE, P_SMALL, P_ROWS, P_GEMM };
+
+static int wide_ok(int64_t M, int64_t K, int bits) {
+    return g_avx512 && bits == 4 && K % 64 == 0 && M <= (M == 1 ? 1 : g_wide_max_rows);
+}
+
+static int pick_path(int64_t M, int64_t K, int bits) {
+    if (M == 1) return P_GEMV;
+    if (wide_ok(M, K, bits)) return P_WIDE;
+    int few = M < g_gemm_min_rows || !g_sgemm;
+    if (few) return g_simd == 2 ? P_SMALL : P_ROWS;
+    return P_GEMM;
+}
 
 /* ---- the three paths ----------------------------------------------------------------------- */
 typedef struct qmm_args {
@@ -432,12 +521,12 @@ static float* group_sums(const float* x, int64_t M, int64_t K, int gs) {
     return xsum;
 }
 
-/* x laid out for the AVX-512 GEMV when it will run (one 4-bit input row, K % 64 == 0), else NULL */
+/* x laid out for the AVX-512 GEMVs when they will run (4-bit, K % 64 == 0), else NULL */
 static float* strided_for(const float* x, int64_t M, int64_t K, int bits) {
 #ifdef MM_X86
-    if (g_avx512 && M == 1 && bits == 4 && K % 64 == 0) {
-        float* xp = malloc((size_t)(2 * K) * sizeof(float));
-        x_strided(x, K, xp);
+    if (wide_ok(M, K, bits)) {
+        float* xp = malloc((size_t)(2 * K * M) * sizeof(float));
+        for (int64_t m = 0; m < M; m++) x_strided(x + m * K, K, xp + m * 2 * K);
         return xp;
     }
 #endif
@@ -473,6 +562,23 @@ static void rows_chunk(const void* p, int64_t i) {
 }
 
 #ifdef MM_X86
+/* 2 .. wide_max_rows inputs: the AVX-512 GEMV over blocks of up to 8 inputs */
+static void wide_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
+    float* buf = malloc((size_t)(4 * G) * sizeof(float));
+    for (int64_t m0 = 0; m0 < a->M; m0 += 8) {
+        int mr = a->M - m0 < 8 ? (int)(a->M - m0) : 8;
+        if (mr == 1)
+            gemv4_avx512(a->xp + m0 * 2 * a->K, a->xsum + m0 * G, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0,
+                         chunk_end(n0, a->N), a->y + m0 * a->N);
+        else
+            gemv4_avx512_mr(a->xp + m0 * 2 * a->K, a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0,
+                            chunk_end(n0, a->N), a->y + m0 * a->N, a->N, buf);
+    }
+    free(buf);
+}
+
 /* a few inputs (2 .. gemm_min_rows): the factored GEMV over blocks of up to 4 inputs */
 static void small_chunk(const void* p, int64_t i) {
     const qmm_args* a = p;
@@ -518,6 +624,16 @@ static void qmm_gemm(const qmm_args* a) {
     free(wt);
 }
 
+/* the chunk function of the GEMV-style paths */
+static chunk_fn row_fn(int path) {
+#ifdef MM_X86
+    if (path == P_WIDE) return wide_chunk;
+    if (path == P_SMALL) return small_chunk;
+#endif
+    (void)path;
+    return gemv_chunk;
+}
+
 /* y (M, N) = x (M, K) . dequant(w (N, K*bits/32))^T; returns 0, or -1 for an unsupported format */
 int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* scales, const void* biases,
            int dtype, int64_t N, int group_size, int bits, float* y) {
@@ -526,18 +642,14 @@ int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* 
         return -1;
     pick_kernels();
     qmm_args a = {x, NULL, NULL, M, K, N, w, scales, biases, dtype, group_size, bits, y, NULL, 0, NULL, 0, NULL};
-    int few = M < g_gemm_min_rows || !g_sgemm;
-    if (M == 1 || (few && g_simd == 2)) {
+    int path = pick_path(M, K, bits);
+    if (path == P_GEMV || path == P_WIDE || path == P_SMALL) {
         a.xsum = group_sums(x, M, K, group_size);
         a.xp = strided_for(x, M, K, bits);
-#ifdef MM_X86
-        run_job(M == 1 ? gemv_chunk : small_chunk, &a, chunks(N), N * K * bits / 8);
-#else
-        run_job(gemv_chunk, &a, chunks(N), N * K * bits / 8);
-#endif
+        run_job(row_fn(path), &a, chunks(N), N * K * bits / 8);
         free((void*)a.xsum);
         free((void*)a.xp);
-    } else if (few) {
+    } else if (path == P_ROWS) {
         run_job(rows_chunk, &a, chunks(N), N * K * bits / 8);
     } else {
         qmm_gemm(&a);
@@ -560,8 +672,8 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
                  const void* const* scs, const void* const* bis, const int64_t* Ns, int dtype, int group_size,
                  int bits, float* const* ys) {
     pick_kernels();
-    int few = M < g_gemm_min_rows || !g_sgemm;
-    if (count < 1 || count > 16 || !(M == 1 || (few && g_simd == 2))) {
+    int path = pick_path(M, K, bits);
+    if (count < 1 || count > 16 || !(path == P_GEMV || path == P_WIDE || path == P_SMALL)) {
         for (int i = 0; i < count; i++) {
             int rc = mm_qmm(x, M, K, ws[i], scs[i], bis[i], dtype, Ns[i], group_size, bits, ys[i]);
             if (rc != 0) return rc;
@@ -583,11 +695,7 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
     }
     qmm_args all = group[0];
     all.group = group, all.ngroup = count;
-#ifdef MM_X86
-    all.inner = M == 1 ? gemv_chunk : small_chunk;
-#else
-    all.inner = gemv_chunk;
-#endif
+    all.inner = row_fn(path);
     run_job(group_chunk, &all, total, bytes);
     free(xsum);
     free(xp);
