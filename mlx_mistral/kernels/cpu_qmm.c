@@ -43,6 +43,7 @@ static const int64_t TILE_BYTES = 1 << 21;  /* fp32 weight tile handed to sgemm:
 /* GEMV software prefetch, in words ahead of the loads in each row (4 KB): the hardware
  * prefetcher alone left one core at 5.5 GB/s from DRAM on a 24B-shaped stream, this at 8.9 */
 #define PF_WORDS 1024
+#define CHUNK_ROWS 16  /* rows per chunk: even, so the GEMV's row pairs never straddle chunks */
 
 /* ---- scalar helpers ---------------------------------------------------------------------- */
 
@@ -270,138 +271,128 @@ AVX2 static void gemv_small_avx2(const float* x, const float* xsum, int mr, int6
  * same words of row n + 1. Word i of a 64-element block holds elements 8i .. 8i + 7, so after a
  * right shift by 4t, lane i's low nibble is element 8i + t; vpermps reads only the low 4 bits
  * of each index, so one permute against the table 0.0 .. 15.0 turns 16 nibbles into floats
- * with no mask and no int->float conversion. x is laid out once per call to match
- * (`x_strided`): shift, permute, FMA per 16 weights, against 5 ALU ops per 8 on AVX2. */
-#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+ * with no mask and no int->float conversion: shift, permute, then one FMA per input row, where
+ * AVX2 spends 5 ALU ops per 8 weights. x is laid out once per call to match (`x_strided`), and
+ * its 8 floats per (block, t) are broadcast to both halves by the load itself.
+ *
+ * The rows of a chunk (up to CHUNK_ROWS) run through K in tiles of KT_BLOCKS blocks, every row
+ * pair of the chunk per tile, so the tile of x (8 inputs x 2 KB at most) stays in L1: streaming
+ * all of x per row pair from L2 cost more than the weights themselves at large K or several
+ * inputs. Up to 8 inputs per pass (draft verification, prefill chunks). */
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define KT_BLOCKS 8
 
-
-/* (K/64, 8, 16): per block b and nibble t, x[64b + 8i + t] for i = 0..7, twice */
+/* (K/64, 8, 8): per block b and nibble t, x[64b + 8i + t] for i = 0..7 */
 static void x_strided(const float* x, int64_t K, float* xp) {
     for (int64_t b = 0; b < K / 64; b++)
         for (int t = 0; t < 8; t++)
-            for (int i = 0; i < 16; i++) xp[(b * 8 + t) * 16 + i] = x[64 * b + 8 * (i & 7) + t];
+            for (int i = 0; i < 8; i++) xp[(b * 8 + t) * 8 + i] = x[64 * b + 8 * i + t];
 }
 
 AVX512 static inline __m512 nib(__m512i w, int t, __m512 table) {
     return _mm512_permutexvar_ps(t ? _mm512_srli_epi32(w, 4 * t) : w, table);
 }
 
-AVX512 static void gemv4_avx512(const float* xp, const float* xsum, int64_t K, const uint32_t* w, const void* sc,
-                                const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y) {
-    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    int64_t G = K / gs, wpr = K / 8, B = K / 64;
-    float* buf = malloc((size_t)(4 * G) * sizeof(float));
-    float *s0 = buf, *b0 = buf + G, *s1 = buf + 2 * G, *b1 = buf + 3 * G;
-    for (int64_t n = n0; n < n1; n += 2) {
-        int two = n + 1 < n1;
-        const uint32_t* r0 = w + n * wpr;
-        const uint32_t* r1 = two ? r0 + wpr : r0;  /* odd tail: compute row n twice, store once */
-        load_pair(buf, sc, bi, dt, n, two, G);
-        __m512 tot = _mm512_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
-            _mm_prefetch((const char*)(r0 + 8 * b + PF_WORDS), _MM_HINT_T0);
-            _mm_prefetch((const char*)(r1 + 8 * b + PF_WORDS), _MM_HINT_T0);
-            __m512i W = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(r0 + 8 * b))),
-                                           _mm256_loadu_si256((const __m256i*)(r1 + 8 * b)), 1);
-            const float* xb = xp + b * 128;
-            __m512 a0 = _mm512_mul_ps(nib(W, 0, table), _mm512_loadu_ps(xb));
-            __m512 a1 = _mm512_mul_ps(nib(W, 1, table), _mm512_loadu_ps(xb + 16));
-            __m512 a2 = _mm512_mul_ps(nib(W, 2, table), _mm512_loadu_ps(xb + 32));
-            __m512 a3 = _mm512_mul_ps(nib(W, 3, table), _mm512_loadu_ps(xb + 48));
-            a0 = _mm512_fmadd_ps(nib(W, 4, table), _mm512_loadu_ps(xb + 64), a0);
-            a1 = _mm512_fmadd_ps(nib(W, 5, table), _mm512_loadu_ps(xb + 80), a1);
-            a2 = _mm512_fmadd_ps(nib(W, 6, table), _mm512_loadu_ps(xb + 96), a2);
-            a3 = _mm512_fmadd_ps(nib(W, 7, table), _mm512_loadu_ps(xb + 112), a3);
-            __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-            __m512 sv;
-            if (gs == 32) {  /* lanes 0-3, 4-7 of each row: the block's two groups */
-                int64_t g = 2 * b;
-                sv = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_setr_ps(s0[g], s0[g + 1], s1[g], s1[g + 1])));
-            } else {
-                int64_t g = 64 * b / gs;
-                sv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(s0[g]))),
-                                                         _mm256_castps_pd(_mm256_set1_ps(s1[g])), 1));
-            }
-            tot = _mm512_fmadd_ps(acc, sv, tot);
-        }
-        float bs0 = 0.f, bs1 = 0.f;
-        for (int64_t g = 0; g < G; g++) bs0 += b0[g] * xsum[g], bs1 += b1[g] * xsum[g];
-        y[n] = hsum8(_mm512_castps512_ps256(tot)) + bs0;
-        if (two) y[n + 1] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot), 1))) + bs1;
-    }
-    free(buf);
+static inline float scale_at(const void* p, int64_t i, int dt) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    uint16_t h = ((const uint16_t*)p)[i];
+    if (dt == DT_F16) return f16_to_f32(h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
-/* MR (2..8) inputs against each row pair: every 16 dequantized weights feed MR FMAs, so the
- * weights are read once for up to 8 tokens (draft verification, prefill chunks of a big model).
- * xp: MR strided copies of x (2K floats each); two accumulator chains per input hide latency. */
-AVX512 static inline __attribute__((always_inline)) void gemv4_avx512_rows(
+/* the scales of block b of rows (r, r2) as 16 lanes: 8 of row r, 8 of row r2 */
+AVX512 static inline __m512 block_scales(const void* sc, int dt, int gs, int64_t G, int64_t r, int64_t r2, int64_t b) {
+    if (gs == 32) {  /* lanes 0-3, 4-7 of each row: the block's two groups */
+        const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        int64_t g = 2 * b;
+        __m128 v = _mm_setr_ps(scale_at(sc, r * G + g, dt), scale_at(sc, r * G + g + 1, dt),
+                               scale_at(sc, r2 * G + g, dt), scale_at(sc, r2 * G + g + 1, dt));
+        return _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(v));
+    }
+    int64_t g = 64 * b / gs;
+    return _mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(scale_at(sc, r * G + g, dt)))),
+        _mm256_castps_pd(_mm256_set1_ps(scale_at(sc, r2 * G + g, dt))), 1));
+}
+
+/* rows n0 .. n1 (at most CHUNK_ROWS) against MR inputs: y[m * ldy + n] */
+AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
     const float* xp, const float* xsum, int64_t K, const uint32_t* w, const void* sc, const void* bi, int dt, int gs,
-    int64_t n0, int64_t n1, float* y, int64_t ldy, float* buf, const int MR) {
+    int64_t n0, int64_t n1, float* y, int64_t ldy, const int MR) {
     const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    /* independent FMA chains per input: enough in flight to cover the FMA latency */
+    const int CH = MR == 1 ? 4 : (MR <= 4 ? 2 : 1);
     int64_t G = K / gs, wpr = K / 8, B = K / 64;
-    float *s0 = buf, *b0 = buf + G, *s1 = buf + 2 * G, *b1 = buf + 3 * G;
-    for (int64_t n = n0; n < n1; n += 2) {
-        int two = n + 1 < n1;
-        const uint32_t* r0 = w + n * wpr;
-        const uint32_t* r1 = two ? r0 + wpr : r0;
-        load_pair(buf, sc, bi, dt, n, two, G);
-        __m512 tot[8];
-        for (int m = 0; m < MR; m++) tot[m] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
-            _mm_prefetch((const char*)(r0 + 8 * b + PF_WORDS), _MM_HINT_T0);
-            _mm_prefetch((const char*)(r1 + 8 * b + PF_WORDS), _MM_HINT_T0);
-            __m512i W = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(r0 + 8 * b))),
-                                           _mm256_loadu_si256((const __m256i*)(r1 + 8 * b)), 1);
-            /* below 4 inputs, two chains each (even and odd t) keep the FMA pipes full; from 4
-             * on one chain each does, and leaves registers for up to 8 inputs */
-            const int SPLIT = MR <= 4;
-            __m512 ae[8], ao[8];
-            for (int m = 0; m < MR; m++) ae[m] = ao[m] = _mm512_setzero_ps();
-            for (int t = 0; t < 8; t += 2) {
-                __m512 qe = nib(W, t, table), qo = nib(W, t + 1, table);
+    int npairs = (int)((n1 - n0 + 1) / 2);
+    __m512 tot[CHUNK_ROWS / 2][8];
+    for (int p = 0; p < npairs; p++)
+        for (int m = 0; m < MR; m++) tot[p][m] = _mm512_setzero_ps();
+    /* one input: x is small enough to stay near, so each row pair streams its whole row (the
+     * prefetcher sees two long streams); several: K tiles, prefetching the next tile */
+    const int64_t KT = MR == 1 ? B : KT_BLOCKS, PF = MR == 1 ? PF_WORDS : 8 * KT_BLOCKS;
+    for (int64_t kt = 0; kt < B; kt += KT) {
+        int64_t kend = kt + KT < B ? kt + KT : B;
+        for (int p = 0; p < npairs; p++) {
+            int64_t r = n0 + 2 * p, r2 = r + 1 < n1 ? r + 1 : r;  /* odd tail: row r twice, stored once */
+            const uint32_t *w0 = w + r * wpr, *w1 = w + r2 * wpr;
+            __m512 t8[8];
+            for (int m = 0; m < MR; m++) t8[m] = tot[p][m];
+            for (int64_t b = kt; b < kend; b++) {
+                _mm_prefetch((const char*)(w0 + 8 * b + PF), _MM_HINT_T0);
+                _mm_prefetch((const char*)(w1 + 8 * b + PF), _MM_HINT_T0);
+                __m512i W = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w0 + 8 * b))),
+                                               _mm256_loadu_si256((const __m256i*)(w1 + 8 * b)), 1);
+                __m512 acc[8][4];
+                for (int m = 0; m < MR; m++)
+                    for (int c = 0; c < CH; c++) acc[m][c] = _mm512_setzero_ps();
+                for (int t = 0; t < 8; t++) {
+                    __m512 q = nib(W, t, table);
+                    for (int m = 0; m < MR; m++) {
+                        __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xp + m * K + (b * 8 + t) * 8));
+                        acc[m][t % CH] = _mm512_fmadd_ps(q, xv, acc[m][t % CH]);
+                    }
+                }
+                __m512 sv = block_scales(sc, dt, gs, G, r, r2, b);
                 for (int m = 0; m < MR; m++) {
-                    const float* xb = xp + m * 2 * K + b * 128 + t * 16;
-                    ae[m] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(xb), ae[m]);
-                    if (SPLIT)
-                        ao[m] = _mm512_fmadd_ps(qo, _mm512_loadu_ps(xb + 16), ao[m]);
-                    else
-                        ae[m] = _mm512_fmadd_ps(qo, _mm512_loadu_ps(xb + 16), ae[m]);
+                    __m512 a = acc[m][0];
+                    for (int c = 1; c < CH; c++) a = _mm512_add_ps(a, acc[m][c]);
+                    t8[m] = _mm512_fmadd_ps(a, sv, t8[m]);
                 }
             }
-            __m512 sv;
-            if (gs == 32) {
-                int64_t g = 2 * b;
-                sv = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_setr_ps(s0[g], s0[g + 1], s1[g], s1[g + 1])));
-            } else {
-                int64_t g = 64 * b / gs;
-                sv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(s0[g]))),
-                                                         _mm256_castps_pd(_mm256_set1_ps(s1[g])), 1));
-            }
-            for (int m = 0; m < MR; m++) tot[m] = _mm512_fmadd_ps(SPLIT ? _mm512_add_ps(ae[m], ao[m]) : ae[m], sv, tot[m]);
+            for (int m = 0; m < MR; m++) tot[p][m] = t8[m];
         }
+    }
+    for (int p = 0; p < npairs; p++) {
+        int64_t r = n0 + 2 * p;
+        int two = r + 1 < n1;
         for (int m = 0; m < MR; m++) {
             float bs0 = 0.f, bs1 = 0.f;
-            for (int64_t g = 0; g < G; g++) bs0 += b0[g] * xsum[m * G + g], bs1 += b1[g] * xsum[m * G + g];
-            y[m * ldy + n] = hsum8(_mm512_castps512_ps256(tot[m])) + bs0;
-            if (two) y[m * ldy + n + 1] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot[m]), 1))) + bs1;
+            for (int64_t g = 0; g < G; g++) {
+                bs0 += scale_at(bi, r * G + g, dt) * xsum[m * G + g];
+                if (two) bs1 += scale_at(bi, (r + 1) * G + g, dt) * xsum[m * G + g];
+            }
+            y[m * ldy + r] = hsum8(_mm512_castps512_ps256(tot[p][m])) + bs0;
+            if (two) y[m * ldy + r + 1] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot[p][m]), 1))) + bs1;
         }
     }
 }
 
-AVX512 static void gemv4_avx512_mr(const float* xp, const float* xsum, int mr, int64_t K, const uint32_t* w,
-                                   const void* sc, const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y,
-                                   int64_t ldy, float* buf) {
+/* mr (1..8) inputs; xp and xsum point at the first one's */
+AVX512 static void gemv4_avx512(const float* xp, const float* xsum, int mr, int64_t K, const uint32_t* w,
+                                const void* sc, const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y,
+                                int64_t ldy) {
     switch (mr) {
-        case 2: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 2); break;
-        case 3: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 3); break;
-        case 4: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 4); break;
-        case 5: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 5); break;
-        case 6: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 6); break;
-        case 7: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 7); break;
-        default: gemv4_avx512_rows(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, buf, 8); break;
+        case 1: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 1); break;
+        case 2: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 2); break;
+        case 3: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 3); break;
+        case 4: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 4); break;
+        case 5: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 5); break;
+        case 6: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 6); break;
+        case 7: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 7); break;
+        default: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 8); break;
     }
 }
 #endif
@@ -430,7 +421,7 @@ static void pick_kernels(void) {
         k_deq = deq_row_avx2;
         k_dot = dot_avx2;
         g_simd = 2;
-        g_avx512 = __builtin_cpu_supports("avx512f") && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+        g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
     }
 #endif
 }
@@ -439,7 +430,7 @@ static void pick_kernels(void) {
 void mm_use_avx512(int on) {
     pick_kernels();
 #ifdef MM_X86
-    g_avx512 = on && g_simd == 2 && __builtin_cpu_supports("avx512f");
+    g_avx512 = on && g_simd == 2 && (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"));
 #else
     (void)on;
 #endif
@@ -452,7 +443,7 @@ void mm_use_portable(int on) {
 #ifdef MM_X86
     if (!on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         k_gemv = gemv_avx2, k_deq = deq_row_avx2, k_dot = dot_avx2, g_simd = 2;
-        g_avx512 = __builtin_cpu_supports("avx512f") && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+        g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
     }
 #else
     (void)on;
@@ -506,7 +497,6 @@ typedef struct qmm_args {
     void (*inner)(const void*, int64_t);
 } qmm_args;
 
-#define CHUNK_ROWS 16  /* rows per chunk: even, so the GEMV's row pairs never straddle chunks */
 
 static int64_t chunks(int64_t rows) { return (rows + CHUNK_ROWS - 1) / CHUNK_ROWS; }
 static int64_t chunk_end(int64_t n0, int64_t rows) { return n0 + CHUNK_ROWS < rows ? n0 + CHUNK_ROWS : rows; }
@@ -525,8 +515,8 @@ static float* group_sums(const float* x, int64_t M, int64_t K, int gs) {
 static float* strided_for(const float* x, int64_t M, int64_t K, int bits) {
 #ifdef MM_X86
     if (wide_ok(M, K, bits)) {
-        float* xp = malloc((size_t)(2 * K * M) * sizeof(float));
-        for (int64_t m = 0; m < M; m++) x_strided(x + m * K, K, xp + m * 2 * K);
+        float* xp = malloc((size_t)(K * M) * sizeof(float));
+        for (int64_t m = 0; m < M; m++) x_strided(x + m * K, K, xp + m * K);
         return xp;
     }
 #endif
@@ -539,7 +529,7 @@ static void gemv_chunk(const void* p, int64_t i) {
     int64_t n0 = i * CHUNK_ROWS;
 #ifdef MM_X86
     if (a->xp && a->bits == 4) {
-        gemv4_avx512(a->xp, a->xsum, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0, chunk_end(n0, a->N), a->y);
+        gemv4_avx512(a->xp, a->xsum, 1, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0, chunk_end(n0, a->N), a->y, a->N);
         return;
     }
 #endif
@@ -566,17 +556,11 @@ static void rows_chunk(const void* p, int64_t i) {
 static void wide_chunk(const void* p, int64_t i) {
     const qmm_args* a = p;
     int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
-    float* buf = malloc((size_t)(4 * G) * sizeof(float));
     for (int64_t m0 = 0; m0 < a->M; m0 += 8) {
         int mr = a->M - m0 < 8 ? (int)(a->M - m0) : 8;
-        if (mr == 1)
-            gemv4_avx512(a->xp + m0 * 2 * a->K, a->xsum + m0 * G, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0,
-                         chunk_end(n0, a->N), a->y + m0 * a->N);
-        else
-            gemv4_avx512_mr(a->xp + m0 * 2 * a->K, a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0,
-                            chunk_end(n0, a->N), a->y + m0 * a->N, a->N, buf);
+        gemv4_avx512(a->xp + m0 * a->K, a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0,
+                     chunk_end(n0, a->N), a->y + m0 * a->N, a->N);
     }
-    free(buf);
 }
 
 /* a few inputs (2 .. gemm_min_rows): the factored GEMV over blocks of up to 4 inputs */
