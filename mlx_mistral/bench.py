@@ -194,10 +194,25 @@ class Trial:
     peak_pct: float = 0.0  # achieved / the machine's peak bandwidth, in percent
 
 
+def settle() -> None:
+    """Wait for all queued work, including the step a generator computes ahead on its own stream
+    (ours or mlx-lm's): left running, it would eat into the next trial's time."""
+    import sys
+
+    from .generate import generation_stream
+
+    streams = [mx.default_stream(mx.default_device()), generation_stream]
+    theirs = sys.modules.get("mlx_lm.generate")
+    if theirs is not None:
+        streams.append(theirs.generation_stream)
+    for stream in streams:
+        mx.synchronize(stream)
+
+
 def run_trial(step_fn: StepFn, model, prompt: mx.array, generation_tokens: int, *,
               prefill_step: int = 2048, listener: Optional[Listener] = None) -> Trial:
     """Generate `generation_tokens` tokens after `prompt` (no stop condition) and time it."""
-    mx.synchronize()
+    settle()
     mx.reset_peak_memory()
     if listener:
         listener("prefill", 0, prompt.size)
