@@ -147,6 +147,11 @@ class Model(nn.Module):
             return decoder(tokens, cache)
         return self.head(self.model(tokens, cache))  # (B, T, vocab)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_decoder"] = None  # pointers into this model's buffers: a copy builds its own
+        return state
+
     def update(self, parameters: dict, strict: bool = True) -> "Model":
         self._decoder = None  # new weights (load, set_dtype, quantize): the decoder is rebuilt
         return super().update(parameters, strict)

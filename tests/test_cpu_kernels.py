@@ -88,17 +88,6 @@ def test_gate_up_silu_matches_reference(group_size, M):
     assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("M", [1, 3, 128])
-def test_siblings_share_one_call_and_match_mlx(M):
-    mats = [quantized(n, 640, 64, 4, dtype=mx.bfloat16, seed=n) for n in (512, 128, 128)]  # q, k, v
-    group = cpu.Siblings([cpu.Packed(*m, 64, 4) for m in mats])
-    x = mx.random.normal((1, M, 640), key=mx.random.key(M))
-    got = [group.result(i, x) for i in range(3)]
-    assert not group.pending  # every result handed out once
-    for (w, s, b), y in zip(mats, got):
-        assert rel_err(y, reference(x, w, s, b, 64, 4)) < 1e-5
-
-
 @pytest.fixture
 def portable_kernels():
     """The kernels non-x86 machines get, forced on this one."""
@@ -155,20 +144,26 @@ def test_disabled_kernels_warn_once_and_stay_correct(monkeypatch):
 
 
 def test_smollm2_4bit_logits_and_greedy_tokens_match_mlx(smollm2_dir):
-    model = load_model(smollm2_dir, fuse=False)  # plain nn.QuantizedLinear: MLX's op is the reference
-    nn.quantize(model, group_size=64, bits=4)  # every Linear and the tied embedding
-    mx.eval(model.parameters())
-    model.native = False  # per-matmul kernels here; the whole-model decoder: test_native_decoder.py
-    short = mx.array([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])  # within the native head's row limit
+    """The dispatcher's per-matmul kernels in a real model (fused q/k/v and gate/up, the tied
+    head) against plain nn.QuantizedLinear layers on MLX's own op."""
+    pair = []
+    for fuse in (False, True):
+        model = load_model(smollm2_dir, fuse=False)
+        nn.quantize(model, group_size=64, bits=4)  # every Linear and the tied embedding
+        if fuse:
+            model.fuse()  # quantized layers to the dispatcher, which picks the native kernels
+        mx.eval(model.parameters())
+        model.native = False  # per matmul here; the whole-model decoder: test_native_decoder.py
+        pair.append(model)
+    ref, ours = pair
+    assert type(ref.layers[0].mlp.down_proj) is nn.QuantizedLinear
+    assert type(ours.layers[0].mlp.down_proj) is not nn.QuantizedLinear
+    short = mx.array([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])
     prompt = mx.array([1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
                        411, 407, 19712, 8182, 2, 198, 1, 520, 9531, 198])  # 25 ids: prefill takes the GEMM path
-    want_logits = np.array(model(short))
-    want_tokens = [t for t, _ in generate_step(prompt, model, max_tokens=12)]
-
-    assert cpu.use_native_kernels(model) == 30 * 7 + 1  # 7 projections per block, the tied head
-    assert isinstance(model.layers[0].mlp.down_proj, cpu.NativeQuantizedLinear)
-    got_logits = np.array(model(short))
-    got_tokens = [t for t, _ in generate_step(prompt, model, max_tokens=12)]
+    want_logits, got_logits = np.array(ref(short)), np.array(ours(short))
+    want_tokens = [t for t, _ in generate_step(prompt, ref, max_tokens=12)]
+    got_tokens = [t for t, _ in generate_step(prompt, ours, max_tokens=12)]
     # hidden states reach ~25,000 here: compare against the logits' own scale
     assert np.abs(got_logits - want_logits).max() / np.abs(want_logits).max() < 1e-4
     assert (got_logits.argmax(-1) == want_logits.argmax(-1)).all()

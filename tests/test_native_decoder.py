@@ -178,3 +178,18 @@ def test_avx512_gemv_matches_mlx_and_avx2(avx2_only, group_size, M):
         wide = cpu.quantized_matmul(x, w, s, b, group_size=group_size, bits=4)
         avx2_only.mm_use_avx512(0)
         assert scaled_err(avx2, want) < 1e-5 and scaled_err(wide, want) < 1e-5, (n, k)
+
+
+def test_a_copied_model_builds_its_own_decoder(smollm2_q4):
+    import copy
+
+    native, _ = smollm2_q4
+    assert native.native_decoder() is not None
+    draft = copy.deepcopy(native)
+    draft.model.layers = draft.model.layers[:8]  # how benchmarks/speculate.py makes its draft model
+    assert draft._decoder is None
+    assert draft.native_decoder().md.n_layers == 8
+    got = np.array(draft(mx.array([PROMPT[:8]]), cache=draft.make_cache()))
+    draft.native = False
+    want = np.array(draft(mx.array([PROMPT[:8]]), cache=draft.make_cache()))
+    assert scaled_err(got, want) < 1e-4

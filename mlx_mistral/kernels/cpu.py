@@ -4,14 +4,12 @@ MLX's CPU backend runs quantized matmul as scalar loops (~40x slower than llama.
 kernels (cpu_qmm.c: AVX2/FMA GEMV for decode, dequantized tiles + the process's optimized BLAS for
 prefill, rows over all cores) read the packed weights in place through zero-copy numpy views.
 
-Layers fed the same input (q/k/v, gate/up) run as one call on their own weights, with no
-concatenated copy (`Siblings`).
-
 The price of calling C without an MLX primitive: every call is an eval boundary. The pending
 graph producing `x` is evaluated, the C kernel runs at once, and its result comes back as a new
-(small) MLX array: ~15 us of Python and two thread hand-offs per call (121 calls per SmolLM2
-token), and results nobody reads are still computed, which is why the tied output head keeps
-MLX's lazy op for multi-token inputs (prefill chunks never read their logits).
+(small) MLX array: ~15 us of Python and two thread hand-offs per call. That is why a quantized
+model on the CPU runs its whole forward pass in one native call instead (`cpu_model.py`); the
+functions here serve the dispatcher when that decoder does not run (quantized or rotating KV
+caches, models it does not cover, `Model.native = False`).
 """
 
 from __future__ import annotations
@@ -29,15 +27,12 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map_with_path
 
 from . import _build
 
 GROUP_SIZES = (32, 64, 128)
 BITS = (4, 8)
 DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # as cpu_qmm.c numbers them
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers fed the same input
-HEAD_NATIVE_MAX_ROWS = 8  # see module docstring: wider calls of the tied head stay lazy in MLX
 
 _QMM_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
@@ -180,46 +175,6 @@ def to_mlx(y: np.ndarray, like: mx.array) -> mx.array:
     return out if like.dtype == mx.float32 else out.astype(like.dtype)
 
 
-class Siblings:
-    """Layers that read the same input (q/k/v, gate/up): the first call computes them all in one
-    native call (one eval boundary, one thread wake-up), the others pick up their result."""
-
-    def __init__(self, packs: list[Packed]):
-        first = packs[0]
-        self.packs, self.K, self.dtype, self.group_size, self.bits = packs, first.K, first.dtype, first.group_size, first.bits
-        n = len(packs)
-        self.ws = (ctypes.c_void_p * n)(*[p.w for p in packs])
-        self.scs = (ctypes.c_void_p * n)(*[p.scales for p in packs])
-        self.bis = (ctypes.c_void_p * n)(*[p.biases for p in packs])
-        self.Ns = (ctypes.c_int64 * n)(*[p.N for p in packs])
-        self.x: Optional[mx.array] = None  # the input the pending results belong to (held, so `is` is safe)
-        self.pending: dict[int, mx.array] = {}
-
-    @staticmethod
-    def compatible(packs: list[Packed]) -> bool:
-        first = packs[0]
-        return all((p.K, p.dtype, p.group_size, p.bits) == (first.K, first.dtype, first.group_size, first.bits)
-                   for p in packs)
-
-    def result(self, index: int, x: mx.array) -> mx.array:
-        if self.x is not x or index not in self.pending:
-            self.compute(x)
-        out = self.pending.pop(index)
-        if not self.pending:
-            self.x = None
-        return out
-
-    def compute(self, x: mx.array) -> None:
-        xn = self.packs[0].host_input(x)  # (M, K)
-        ys = [np.empty((*x.shape[:-1], p.N), np.float32) for p in self.packs]  # (..., N_i) each
-        y_ptrs = (ctypes.c_void_p * len(ys))(*[y.ctypes.data for y in ys])
-        rc = _library()[0].mm_qmm_multi(xn.ctypes.data, xn.shape[0], self.K, len(ys), self.ws, self.scs, self.bis,
-                                        self.Ns, self.dtype, self.group_size, self.bits, y_ptrs)
-        if rc != 0:
-            raise ValueError(f"cpu_qmm does not support group_size={self.group_size}, bits={self.bits}")
-        self.x, self.pending = x, {i: to_mlx(y, x) for i, y in enumerate(ys)}
-
-
 class _PackedCache:
     """Pointers of matrices the functional API has seen, dropped when their arrays are freed
     (weak references: the cache never keeps a model's weights alive)."""
@@ -263,69 +218,3 @@ def gate_up_silu(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *
         g, u = mx.split(gu, 2, axis=-1)  # (..., F) each
         return nn.silu(g) * u
     return _PACKED.get(w, scales, biases, group_size, bits)(x, gate_up_silu=True)
-
-
-# ---- swapping a model's quantized layers onto the kernels --------------------------------------
-
-class NativeQuantizedLinear(nn.Module):
-    """nn.QuantizedLinear computing on the native kernels; shares the layer's arrays (no copy)."""
-
-    def __init__(self, layer: nn.QuantizedLinear):
-        super().__init__()
-        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
-        if "bias" in layer:
-            self.bias = layer.bias
-        self.group_size, self.bits = layer.group_size, layer.bits
-        self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-        self._siblings: Optional[tuple[Siblings, int]] = None  # set by use_native_kernels
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self._siblings[0].result(self._siblings[1], x) if self._siblings else self._packed(x)
-        return y + self.bias if "bias" in self else y
-
-
-class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose tied output head (`as_linear`) runs natively for few rows."""
-
-    def __init__(self, layer: nn.QuantizedEmbedding):
-        nn.Module.__init__(self)
-        self.weight, self.scales, self.biases = layer.weight, layer.scales, layer.biases
-        self.group_size, self.bits, self.num_embeddings = layer.group_size, layer.bits, layer.num_embeddings
-        self.dims = layer.dims
-        self.mode = getattr(layer, "mode", "affine")
-        self._packed = Packed(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] <= HEAD_NATIVE_MAX_ROWS:
-            return self._packed(x)
-        return super().as_linear(x)
-
-
-def use_native_kernels(model: nn.Module) -> int:
-    """Swap the model's affine quantized layers the kernels cover onto them; returns how many."""
-    if not available():
-        _warn_slow_path(_library()[1])
-        return 0
-    swapped = 0
-
-    def swap(_path, module):
-        nonlocal swapped
-        covered = getattr(module, "mode", "affine") == "affine" and supports(getattr(module, "group_size", 0),
-                                                                                getattr(module, "bits", 0))
-        if covered and type(module) is nn.QuantizedLinear:
-            swapped += 1
-            return NativeQuantizedLinear(module)
-        if covered and type(module) is nn.QuantizedEmbedding:
-            swapped += 1
-            return NativeQuantizedEmbedding(module)
-        return module
-
-    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
-    for module in model.modules():
-        for names in SIBLINGS:
-            layers = [module.get(n) for n in names]
-            if all(isinstance(m, NativeQuantizedLinear) for m in layers) and Siblings.compatible([m._packed for m in layers]):
-                group = Siblings([m._packed for m in layers])
-                for i, m in enumerate(layers):
-                    m._siblings = (group, i)
-    return swapped

@@ -14,15 +14,15 @@ buffers the C code writes in place. Everything else keeps working on it unchange
 a forward ever takes the MLX path (which marks the buffers foreign, so the next native call
 copies them into fresh ones of its own).
 
-The model is used as it is when the decoder is built (first forward): later changes to its
-weights are not seen. `Model.native = False` turns the decoder off for one model,
+The decoder is built at the model's first forward and rebuilt after its weights change through
+`Module.update`/`update_modules` (load_weights, set_dtype, quantize) or `fuse()`; a copy of the
+model builds its own. `Model.native = False` turns the decoder off for one model,
 MLX_MISTRAL_NATIVE_DECODER=0 for the process.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Optional
 
 import mlx.core as mx
