@@ -193,3 +193,26 @@ def test_a_copied_model_builds_its_own_decoder(smollm2_q4):
     draft.native = False
     want = np.array(draft(mx.array([PROMPT[:8]]), cache=draft.make_cache()))
     assert scaled_err(got, want) < 1e-4
+
+
+def test_verbose_names_the_forward_path(smollm2_q4):
+    from mlx_mistral.load import runtime_summary
+
+    native, ref = smollm2_q4
+    assert runtime_summary(native).endswith("forward: native CPU decoder (one C call per step)")
+    assert runtime_summary(ref).endswith("forward: MLX ops")
+    assert "no --kv-bits" in runtime_summary(native, kv_bits=8)
+
+
+def test_portable_build_runs_the_decoder_too(smollm2_q4):
+    """The kernels non-x86 machines get (NEON through the compiler), forced on this one."""
+    native, ref = smollm2_q4
+    lib = cpu._library()[0]
+    lib.mm_use_portable(1)
+    try:
+        assert lib.mm_simd() == 0
+        got = run(native, [PROMPT, [28]])
+    finally:
+        lib.mm_use_portable(0)
+    for g, w in zip(got, run(ref, [PROMPT, [28]])):
+        assert scaled_err(g, w) < 1e-4
