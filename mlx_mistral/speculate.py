@@ -242,23 +242,17 @@ def lookup_generate_step(
     *,
     num_draft: int = DEFAULT_NUM_DRAFT,
     ngram: int = DEFAULT_NGRAM,
-    max_tokens: int = 256,
-    sampler: Optional[Sampler] = None,
-    logits_processors: Optional[list[LogitsProcessor]] = None,
-    prompt_cache: Optional[list] = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
-    progress: Optional[Callable[[int, int], None]] = None,
     stats: Optional[SpeculationStats] = None,
+    **kwargs,
 ) -> Generator[tuple[int, mx.array], None, None]:
-    """generate_step with prompt-lookup drafts: yields the same (token id, log-probabilities)."""
+    """generate_step with prompt-lookup drafts: yields the same (token id, log-probabilities) and
+    takes the same keyword arguments (max_tokens, sampler, logits_processors, prompt_cache, ...)."""
     if ngram < 1:
         raise MistralError("ngram must be at least 1")
     stats = stats if stats is not None else SpeculationStats()
     stats.mode = "lookup"
     yield from _speculative_loop(
-        prompt, model, lambda p: LookupDrafter(p.tolist(), ngram), num_draft=num_draft,
-        max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
-        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, progress=progress, stats=stats,
+        prompt, model, lambda p: LookupDrafter(p.tolist(), ngram), num_draft=num_draft, stats=stats, **kwargs,
     )
 
 
