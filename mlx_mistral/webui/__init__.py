@@ -38,15 +38,12 @@ def _markdown():
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
-    default_link_open = md.renderer.rules.get("link_open")
 
-    def link_open(tokens, idx, options, env):
+    def link_open(renderer, tokens, idx, options, env):
         # a link opens beside the chat instead of replacing it, and learns nothing of the page
         tokens[idx].attrSet("target", "_blank")
         tokens[idx].attrSet("rel", "noopener noreferrer")
-        if default_link_open is not None:
-            return default_link_open(tokens, idx, options, env)
-        return md.renderer.renderToken(tokens, idx, options, env)
+        return renderer.renderToken(tokens, idx, options, env)
 
     md.add_render_rule("link_open", link_open)
     return md
