@@ -212,7 +212,7 @@ def test_model_output_never_runs_as_html(live, open_page):
     page.route("**/v1/chat/completions", lambda route: route.fulfill(
         status=200, content_type="text/event-stream", body=sse(*re.findall(r".{1,9}", PAYLOAD, re.S))))
     bubble = send(page, "Say something dangerous")
-    page.wait_for_function("() => document.querySelector('.msg.assistant .md pre .copy')")  # Markdown is in
+    page.wait_for_function("() => document.querySelector('.msg.assistant .md .codebar .copy')")  # Markdown is in
     assert page.evaluate("window.pwned") is None
     log = page.locator("#log")
     assert log.locator("script, img, iframe, [onerror]").count() == 0
