@@ -260,8 +260,13 @@ def test_page_asks_for_the_key_once_and_sends_it(keyed, open_page):
     page.click("#key-dialog button[value=ok]")
     page.wait_for_function("() => document.getElementById('model').textContent === 'tiny'")
     configure(page, max_tokens=4)
-    bubble = send(page, "Hello")
+    with page.expect_response(lambda r: r.url.endswith("/ui/markdown")) as rendered:
+        bubble = send(page, "Hello")
+    assert rendered.value.status == 200  # the page's Markdown calls carry the key too
     assert page.locator(".msg .error").count() == 0 and stat(bubble, "finish") in ("length", "stop")
+    for path in ("/v1/models", "/ui/markdown"):  # without the key, the API stays closed
+        status = page.evaluate("p => fetch(p, {method: p.startsWith('/ui') ? 'POST' : 'GET'}).then(r => r.status)", path)
+        assert status == 401, path
     page.reload()
     page.wait_for_function("() => document.getElementById('model').textContent === 'tiny'")
     assert not page.is_visible("#key-dialog")  # remembered
