@@ -193,6 +193,12 @@ def test_json_schema_reply_renders_as_json(live, open_page):
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
               "required": ["answer"], "additionalProperties": False}
     page = open_page(live.url)
+    page.click("#open-settings")
+    page.fill("#s-schema", "{not json")
+    page.click("#settings button[value=save]")  # refused, with the field named
+    assert page.is_visible("#settings")
+    assert page.inner_text("#settings-error").startswith("JSON schema: not valid JSON")
+    page.click("#settings button[value=cancel]")
     configure(page, max_tokens=40, schema=json.dumps(schema))
     bubble = send(page, "Is the sky blue?")
     jsonschema.validate(json.loads(bubble.locator(".json code").inner_text()), schema)
