@@ -55,7 +55,8 @@ def browser():
     if not CHROMIUM:
         pytest.fail("MLX_MISTRAL_BROWSER_TESTS=required but chromium is not installed")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # lan.test: the server as a phone on the LAN sees it, an http origin that is not a secure context
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--host-resolver-rules=MAP lan.test 127.0.0.1"])
         yield b
         b.close()
 
@@ -278,8 +279,9 @@ def test_page_asks_for_the_key_once_and_sends_it(keyed, open_page):
     assert not page.is_visible("#key-dialog")  # remembered
 
 
-def test_nothing_overflows_a_390px_phone(live, open_page):
-    page = open_page(live.url, width=390, height=844)
+def test_nothing_overflows_a_390px_phone_on_the_lan(live, open_page):
+    page = open_page(live.url.replace("127.0.0.1", "lan.test"), width=390, height=844)
+    assert page.evaluate("() => window.isSecureContext") is False
     wide = ("A_very_long_unbroken_word_" * 6 + "\n\n| a | b | c | d | e | f |\n|---|---|---|---|---|---|\n"
             + "| " + " | ".join(["wide cell content"] * 6) + " |\n\n```\n" + "x = 1  # " + "long line " * 20 + "\n```\n")
     page.route("**/v1/chat/completions", lambda route: route.fulfill(
@@ -293,6 +295,9 @@ def test_nothing_overflows_a_390px_phone(live, open_page):
                           ".filter(e => e.offsetParent && !e.parentElement.closest('pre, table'))"
                           ".map(e => e.getBoundingClientRect().right))")
     assert right <= 390, right
+    copy = page.locator(".codebar .copy").first
+    copy.click()  # without the clipboard API (not a secure context) it still copies
+    assert copy.inner_text() == "Copied"
     assert not page.is_visible("#conversations")  # the list is a drawer on a phone
     page.click("#menu")
     page.locator("#conversations .title").first.wait_for()
