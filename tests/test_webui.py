@@ -101,7 +101,8 @@ def send(page, text):
     page.fill("#input", text)
     page.press("#input", "Enter")
     bubble = page.locator(".msg.assistant").nth(n)
-    bubble.locator("[data-stat=finish]").wait_for()
+    bubble.locator("[data-stat=finish], .error").first.wait_for()
+    assert bubble.locator(".error").count() == 0, bubble.locator(".error").inner_text()
     return bubble
 
 
@@ -204,6 +205,17 @@ def test_json_schema_reply_renders_as_json(live, open_page):
     bubble = send(page, "Is the sky blue?")
     jsonschema.validate(json.loads(bubble.locator(".json code").inner_text()), schema)
     assert stat(bubble, "finish") == "stop"
+
+
+def test_a_refused_request_shows_the_servers_reason(live, open_page):
+    page = open_page(live.url)
+    configure(page, tools=json.dumps([{"type": "function", "function": {"name": "no spaces allowed"}}]))
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    error = page.locator(".msg.assistant .error")
+    error.wait_for()
+    assert "tools.0.function.name" in error.inner_text()  # the 400's message, as the server wrote it
+    assert page.is_visible("#send")
 
 
 def sse(*pieces: str) -> str:
