@@ -3,14 +3,23 @@
 The parsing is tools.py's `ToolCallStream` (the split is made on the [TOOL_CALLS] id, never on
 text); this adds what the server needs around it: the deltas of a streamed reply and, for a
 whole reply, the same pieces put together. Both read the stop-filtered text the generator
-yields, so a stop sequence cuts the reply the same way in either shape.
+yields, so a stop sequence cuts the reply the same way in either shape. Below it, the response
+shapes: one JSON body, or server-sent chunks ending in `data: [DONE]`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+import time
+import uuid
+from typing import AsyncIterator, Optional
 
-from .tools import ToolCallStream, call_marker
+from fastapi.responses import Response, StreamingResponse
+
+from ..generate import Response as Piece
+from ..tools import ToolCallStream, call_marker
+from .errors import OpenAIError
+from .worker import Failed, Finished
 
 
 class ReplyAssembler:
@@ -41,3 +50,77 @@ class ReplyAssembler:
         if not self.calls.calls:
             return {"role": "assistant", "content": content}
         return {"role": "assistant", "content": content.strip() or None, "tool_calls": self.calls.calls}
+
+
+# -- response shapes ------------------------------------------------------------------------------
+
+class Meta:
+    """id, creation time and model name shared by every chunk of one response."""
+
+    def __init__(self, prefix: str, model_id: str):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model_id
+
+    def body(self, obj: str, choices: list, usage: Optional[dict] = None, with_usage: bool = True) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if with_usage:
+            out["usage"] = usage
+        return out
+
+
+def usage(done: Finished) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def client_gone() -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+
+def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def chat_chunks(events, meta: Meta, reply: ReplyAssembler, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(delta: dict, finish_reason: Optional[str] = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return meta.body("chat.completion.chunk", [choice], None, with_usage=include_usage)
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in events:
+        if isinstance(event, Piece):
+            for delta in reply.feed(event.text, event.token):
+                yield chunk(delta)
+        elif isinstance(event, Finished):
+            deltas, finish_reason = reply.finish(event.finish_reason)
+            for delta in deltas:
+                yield chunk(delta)
+            yield chunk({}, finish_reason)
+            if include_usage:
+                yield meta.body("chat.completion.chunk", [], usage(event))
+        elif isinstance(event, Failed):
+            yield OpenAIError(500, event.message, type="server_error").body()
+
+
+async def completion_chunks(events, meta: Meta, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(text: str, finish_reason: Optional[str] = None) -> dict:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return meta.body("text_completion", [choice], None, with_usage=include_usage)
+
+    async for event in events:
+        if isinstance(event, Piece) and event.text:
+            yield chunk(event.text)
+        elif isinstance(event, Finished):
+            yield chunk("", event.finish_reason)
+            if include_usage:
+                yield meta.body("text_completion", [], usage(event))
+        elif isinstance(event, Failed):
+            yield OpenAIError(500, event.message, type="server_error").body()
