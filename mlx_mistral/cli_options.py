@@ -55,7 +55,7 @@ def speculation_kwargs(kw: dict, model, tokenizer) -> dict:
     draft = None
     if draft_path is not None:
         from .load import load
-        from .speculate import check_draft
+        from .engine.speculate import check_draft
 
         draft, draft_tokenizer = load(draft_path)
         check_draft(model, draft, tokenizer, draft_tokenizer)
