@@ -30,7 +30,7 @@ from rich.table import Table
 from mlx_mistral.bench import (BenchConfig, Trial, device_info, device_slug, peak_bandwidth, random_prompt,
                                run_trial, summarize, warm_up, weight_bytes, weight_bytes_per_token,
                                with_bandwidth)
-from mlx_mistral.bench_view import human_bytes
+from mlx_mistral.cli.bench_view import human_bytes
 
 OURS, THEIRS = "mlx-mistral", "mlx-lm"
 RESULTS = Path(__file__).parent / "results"
@@ -107,7 +107,7 @@ def run_interleaved(args, vocab_size: int, peak_gbps: float, console: Console) -
 
 def run_worker(args) -> None:
     """One runtime, one context, in this process: prints {info, trials} as JSON on stdout."""
-    from mlx_mistral.bench_view import live_progress
+    from mlx_mistral.cli.bench_view import live_progress
 
     name, p = args.worker, args.contexts[0]
     m, step = load_runtime(name, args.model, args.mlx_lm_dtype)

@@ -12,7 +12,7 @@ from live_server import LiveServer
 from mlx_lm.models.cache import KVCache
 
 from mlx_mistral.server import create_app
-from mlx_mistral.server_reply import ReplyAssembler
+from mlx_mistral.server import ReplyAssembler
 
 TOOL_CALLS = 9
 

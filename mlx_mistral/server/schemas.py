@@ -2,12 +2,11 @@
 
 Pydantic models give FastAPI both the validation and the OpenAPI spec clients (and fuzzers)
 read. Deeper chat rules (role order, tool results matching calls) are mistral-common's: the
-server turns its refusals into the same 400 error body.
+server turns its refusals into the same 400 error body (errors.py).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,18 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Mistral's tool and schema names; the chat format rejects anything else.
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_STOPS = 4  # as OpenAI
-
-
-class OpenAIError(Exception):
-    """A request the server refuses, sent back as {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None,
-                 code: Optional[str] = None, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def check_json_schema(schema: dict) -> dict:
@@ -214,11 +201,3 @@ class CompletionRequest(SamplingRequest):
                 raise ValueError("only one prompt per request is supported")
             return v[0]
         return v
-
-
-def error_location(loc: tuple) -> Optional[str]:
-    """pydantic's error location as OpenAI's `param` ("messages.0.role")."""
-    parts = [str(p) for p in loc if p != "body"]
-    # the union branch pydantic tried ("str", "list[TextPart]") is noise to a client
-    parts = [p for p in parts if not re.match(r"^(str|int|list\[.*\]|function-after\[.*|[A-Z]\w*)$", p)]
-    return ".".join(parts) or None

@@ -9,11 +9,11 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.syntax import Syntax
 
-from .cache import ConversationCache
-from .errors import MistralError
-from .generate import stream_chat_completion
-from .prompt_cache import DOCUMENT_SEPARATOR
-from .tools import merge_call_deltas
+from ..cache import ConversationCache
+from ..errors import MistralError
+from ..generate import stream_chat_completion
+from ..prompt_cache import DOCUMENT_SEPARATOR
+from ..tools import merge_call_deltas
 
 HELP = ("/reset clears the conversation, /system TEXT sets the system prompt, /quit leaves; "
         "end a line with \\ to continue on the next, or wrap a block in \"\"\".")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .errors import MistralError
+from ..errors import MistralError
 
 DEFAULT_MODEL = "mistralai/Mistral-Small-24B-Instruct-2501"
 
@@ -54,8 +54,8 @@ def speculation_kwargs(kw: dict, model, tokenizer) -> dict:
         raise MistralError("--draft-model is only used with --speculate draft")
     draft = None
     if draft_path is not None:
-        from .load import load
-        from .engine.speculate import check_draft
+        from ..engine.speculate import check_draft
+        from ..load import load
 
         draft, draft_tokenizer = load(draft_path)
         check_draft(model, draft, tokenizer, draft_tokenizer)

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from .cache import ConversationCache
-from .generate import Response, stream_generate
-from .server_metrics import Metrics
+from ..cache import ConversationCache
+from ..generate import Response, stream_generate
+from .metrics import Metrics
 
 log = logging.getLogger("mlx_mistral.server")
 

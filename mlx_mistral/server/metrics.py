@@ -1,5 +1,5 @@
 """Prometheus metrics of the server, in a registry of its own (one per app, so several apps in
-one process, as in tests, do not collide)."""
+one process, as in tests, do not collide), and the middleware counting requests."""
 
 from __future__ import annotations
 
@@ -35,3 +35,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CountRequests:
+    """Counts responses by path and status (pure ASGI: leaves streaming and disconnects alone)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                path = route.path if route is not None else "other"  # unknown paths share one label
+                self.metrics.requests.labels(path=path, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

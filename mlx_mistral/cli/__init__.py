@@ -1,0 +1,45 @@
+"""`mlx-mistral` command line: thin wrappers over the Python API.
+
+The click group lives here; its commands by concern: commands.py (generate, chat, info,
+cache-prompt), checkpoints.py (convert, synth), serving.py (serve), benchmark.py (bench). Their
+shared option groups are options.py's, the chat loop repl.py's, the bench display bench_view.py's.
+Each command imports what it runs when it runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from .. import __version__
+from ..errors import MistralError
+from .benchmark import bench
+from .checkpoints import convert_cmd, synth
+from .commands import cache_prompt_command, chat, generate, info
+from .serving import serve
+
+
+class Group(click.Group):
+    """Turns a MistralError anywhere below into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MistralError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="mlx-mistral")
+def cli():
+    """Run Mistral Small 3 with MLX."""
+
+
+for command in (generate, chat, synth, convert_cmd, info, cache_prompt_command, serve, bench):
+    cli.add_command(command)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    cli.main(args=argv, prog_name="mlx-mistral")
+

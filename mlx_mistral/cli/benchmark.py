@@ -1,0 +1,53 @@
+"""`mlx-mistral bench`: prefill and decode speed of one model (measured by mlx_mistral.bench,
+shown by bench_view.py)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import model_option
+
+
+@click.command()
+@model_option
+@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Random prompt length.")
+@click.option("--generation-tokens", "-g", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens to generate (end of sequence ignored).")
+@click.option("--num-trials", "-n", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed trials after the warm-up.")
+@click.option("--prefill-step", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Prompt tokens per prefill chunk.")
+@click.option("--peak-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The machine's peak memory bandwidth (default: known Apple chip, else measured).")
+@click.option("--no-warmup", is_flag=True, help="Skip the short warm-up run.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, peak_gbps, no_warmup,
+          seed, as_json):
+    """Measure prefill and decode speed, time to first token, memory and bandwidth."""
+    from rich.console import Console
+
+    from ..bench import BenchConfig, benchmark, peak_bandwidth
+    from ..generate import generate_step
+    from ..load import load_model, resolve
+    from .bench_view import live_progress, result_header, result_table
+
+    folder = resolve(model)
+    console = Console(stderr=True)
+    with console.status(f"loading {folder.name}"):
+        m = load_model(folder)
+    config = BenchConfig(prompt_tokens, generation_tokens, num_trials, prefill_step, not no_warmup, seed)
+    with console.status("measuring peak memory bandwidth"):
+        peak = peak_bandwidth(peak_gbps)
+    with live_progress("mlx-mistral", num_trials, console) as listener:
+        result = benchmark(generate_step, m, model_name=folder.name, runtime="mlx-mistral",
+                           vocab_size=m.args.vocab_size, config=config, peak=peak, listener=listener)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        out = Console()
+        out.print(result_header(result))
+        out.print(result_table(result))

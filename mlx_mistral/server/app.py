@@ -1,0 +1,120 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model held in memory.
+
+`create_app` puts the settings, the generation worker (worker.py), the tokenizer and the metrics
+on `app.state`, where the endpoints (routes.py) find them; the worker runs for the app's lifespan.
+`serve` loads a model and runs the app under uvicorn until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..constrain import Limits
+from ..errors import MistralError
+from .errors import install_error_handlers
+from .metrics import CountRequests, Metrics
+from .routes import router
+from .worker import Engine
+
+
+class Settings:
+    def __init__(self, model_id: str, aliases: set[str], context_length: int, api_key: Optional[str],
+                 default_max_tokens: Optional[int], limits: Limits):
+        self.model_id, self.aliases = model_id, aliases | {model_id}
+        self.context_length, self.api_key, self.default_max_tokens = context_length, api_key, default_max_tokens
+        self.limits = limits
+        self.created = int(time.time())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    engine = app.state.engine
+    engine.start()
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(engine.stop)
+
+
+def create_app(model, tokenizer, *, model_id: str = "mlx-mistral", aliases: set[str] = frozenset(),
+               api_key: Optional[str] = None, context_length: Optional[int] = None,
+               default_max_tokens: Optional[int] = None, prefix_cache: bool = True,
+               limits: Optional[Limits] = None) -> FastAPI:
+    """The ASGI app serving `model`; its generation worker runs for the app's lifespan.
+
+    `limits` bound the values of constrained tool calls and JSON replies where their schemas
+    leave them unbounded (see `constrain.Limits`; the library's defaults when None)."""
+    settings = Settings(model_id, set(aliases), context_length or model.args.max_position_embeddings,
+                        api_key, default_max_tokens, limits or Limits())
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, metrics, prefix_cache=prefix_cache)
+    app = FastAPI(title="mlx-mistral", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.tokenizer = tokenizer
+    install_error_handlers(app)
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.include_router(router)
+    return app
+
+
+# -- running it -----------------------------------------------------------------------------------
+
+def served_name(model_path: str) -> tuple[str, set[str]]:
+    """The id clients see (a hub id as is, a folder by its name) and the names also accepted."""
+    path = Path(model_path).expanduser()
+    if path.exists():
+        return path.resolve().name, {model_path, str(path.resolve())}
+    return model_path, {model_path}
+
+
+def _quiet_exit_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises the stop signal once it has shut down gracefully; a drained stop on
+        Ctrl-C or SIGTERM is the normal end of `serve` here (exit status 0)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
+          default_max_tokens: Optional[int] = None, drain_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Load the model and serve it until Ctrl-C or SIGTERM; in-flight requests finish first
+    (for up to `drain_timeout` seconds)."""
+    import uvicorn
+
+    from ..load import load
+
+    model, tokenizer = load(model_path)
+    model_id, aliases = served_name(model_path)
+    app = create_app(model, tokenizer, model_id=model_id, aliases=aliases, api_key=api_key,
+                     default_max_tokens=default_max_tokens)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=drain_timeout)
+    server = _quiet_exit_server()(config)
+    server.run()
+    if not server.started:
+        raise MistralError(f"could not serve on {host}:{port} (is the port in use?)")

@@ -1,0 +1,126 @@
+"""Turning the generated reply into OpenAI's `content`, `tool_calls` and `finish_reason`.
+
+The parsing is tools.py's `ToolCallStream` (the split is made on the [TOOL_CALLS] id, never on
+text); this adds what the server needs around it: the deltas of a streamed reply and, for a
+whole reply, the same pieces put together. Both read the stop-filtered text the generator
+yields, so a stop sequence cuts the reply the same way in either shape. Below it, the response
+shapes: one JSON body, or server-sent chunks ending in `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi.responses import Response, StreamingResponse
+
+from ..generate import Response as Piece
+from ..tools import ToolCallStream, call_marker
+from .errors import OpenAIError
+from .worker import Failed, Finished
+
+
+class ReplyAssembler:
+    """Fed the streamed pieces of one reply; gives OpenAI deltas as they come and, at the end,
+    the finish reason and the whole assistant message."""
+
+    def __init__(self, tokenizer):
+        self.calls = ToolCallStream(call_marker(tokenizer))
+        self.content: list[str] = []
+
+    def _collect(self, deltas: list[dict]) -> list[dict]:
+        self.content += [d["content"] for d in deltas if "content" in d]
+        return deltas
+
+    def feed(self, text: str, token: Optional[int]) -> list[dict]:
+        """Deltas to stream now: `{"content": ...}` or `{"tool_calls": [...]}`."""
+        return self._collect(self.calls.feed(token, text))
+
+    def finish(self, finish_reason: str) -> tuple[list[dict], str]:
+        """(closing deltas, finish reason): "tool_calls" when the reply made calls; a call list
+        that did not parse (possible only unconstrained, or cut short) comes out as content."""
+        deltas = self._collect(self.calls.finish())
+        return deltas, "tool_calls" if self.calls.calls else finish_reason
+
+    def message(self) -> dict:
+        """The whole reply (after `finish`) as {"role", "content", "tool_calls"?}."""
+        content = "".join(self.content)
+        if not self.calls.calls:
+            return {"role": "assistant", "content": content}
+        return {"role": "assistant", "content": content.strip() or None, "tool_calls": self.calls.calls}
+
+
+# -- response shapes ------------------------------------------------------------------------------
+
+class Meta:
+    """id, creation time and model name shared by every chunk of one response."""
+
+    def __init__(self, prefix: str, model_id: str):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model_id
+
+    def body(self, obj: str, choices: list, usage: Optional[dict] = None, with_usage: bool = True) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if with_usage:
+            out["usage"] = usage
+        return out
+
+
+def usage(done: Finished) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def client_gone() -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+
+def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def chat_chunks(events, meta: Meta, reply: ReplyAssembler, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(delta: dict, finish_reason: Optional[str] = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return meta.body("chat.completion.chunk", [choice], None, with_usage=include_usage)
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in events:
+        if isinstance(event, Piece):
+            for delta in reply.feed(event.text, event.token):
+                yield chunk(delta)
+        elif isinstance(event, Finished):
+            deltas, finish_reason = reply.finish(event.finish_reason)
+            for delta in deltas:
+                yield chunk(delta)
+            yield chunk({}, finish_reason)
+            if include_usage:
+                yield meta.body("chat.completion.chunk", [], usage(event))
+        elif isinstance(event, Failed):
+            yield OpenAIError(500, event.message, type="server_error").body()
+
+
+async def completion_chunks(events, meta: Meta, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(text: str, finish_reason: Optional[str] = None) -> dict:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return meta.body("text_completion", [choice], None, with_usage=include_usage)
+
+    async for event in events:
+        if isinstance(event, Piece) and event.text:
+            yield chunk(event.text)
+        elif isinstance(event, Finished):
+            yield chunk("", event.finish_reason)
+            if include_usage:
+                yield meta.body("text_completion", [], usage(event))
+        elif isinstance(event, Failed):
+            yield OpenAIError(500, event.message, type="server_error").body()
