@@ -34,7 +34,7 @@ from rich.table import Table
 
 from mlx_mistral.generate import encode_prompt, generate_step
 from mlx_mistral.load import load, runtime_summary
-from mlx_mistral.speculate import SpeculationStats, draft_generate_step, lookup_generate_step
+from mlx_mistral.engine.speculate import SpeculationStats, draft_generate_step, lookup_generate_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fixtures  # noqa: E402

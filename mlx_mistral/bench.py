@@ -199,7 +199,7 @@ def settle() -> None:
     (ours or mlx-lm's): left running, it would eat into the next trial's time."""
     import sys
 
-    from .generate import generation_stream
+    from .engine.steps import generation_stream
 
     streams = [mx.default_stream(mx.default_device()), generation_stream]
     theirs = sys.modules.get("mlx_lm.generate")

@@ -22,7 +22,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from .cache import KEEP, ConversationCache, KVCache, KVSettings, RotatingKVCache, adopt, common_prefix_length, portable
 from .errors import MistralError, first_line
-from .generate import prefill
+from .engine.steps import prefill
 
 FORMAT = "mlx-mistral-prompt-cache/1"
 # the document and the question of a request are joined with this (see `PromptCacheFile.messages`)

@@ -47,7 +47,7 @@ class LiveServer:
     def direct(self, prompt, max_tokens):
         """Greedy reply computed straight from the model, while the server's worker waits."""
         model, tok = self.model
-        with self.app.state.engine.lock:
+        with self.app.state.worker.lock:
             return generate(model, tok, prompt, max_tokens=max_tokens, temperature=0)
 
     def metric(self, name: str) -> float:

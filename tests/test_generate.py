@@ -7,7 +7,8 @@ import pytest
 
 from mlx_mistral import chat, generate, stream_generate
 from mlx_mistral.errors import MistralError
-from mlx_mistral.generate import _StopMatcher, encode_prompt, generate_step
+from mlx_mistral.engine.sequence import StopMatcher as _StopMatcher
+from mlx_mistral.generate import encode_prompt, generate_step
 
 
 def test_prompt_forms_agree(tiny):

@@ -12,7 +12,7 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.generate import encode_prompt, generate_step
 from mlx_mistral.model import Model
 from mlx_mistral.sampling import processors_from, sampler_from
-from mlx_mistral.speculate import (
+from mlx_mistral.engine.speculate import (
     NgramIndex,
     SpeculationStats,
     draft_generate_step,
@@ -139,7 +139,7 @@ def test_stream_generate_switches_modes(tiny):
 
 
 def test_default_mode_follows_the_backend_table(tiny):
-    from mlx_mistral.speculate import DEFAULT_MODE, default_mode
+    from mlx_mistral.engine.speculate import DEFAULT_MODE, default_mode
 
     model, tok = tiny
     assert default_mode(model) == DEFAULT_MODE[mx.default_device().type.name] in ("none", "lookup")
@@ -268,7 +268,7 @@ def test_cli_refuses_bad_draft_settings(tiny_dir, smollm2_dir):
 
 
 def test_draft_with_another_tokenizer_is_refused(tiny, smollm2):
-    from mlx_mistral.speculate import check_draft
+    from mlx_mistral.engine.speculate import check_draft
 
     model, tok = tiny
     with pytest.raises(MistralError, match="tokenizer"):

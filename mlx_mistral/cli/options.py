@@ -54,8 +54,8 @@ def speculation_kwargs(kw: dict, model, tokenizer) -> dict:
         raise MistralError("--draft-model is only used with --speculate draft")
     draft = None
     if draft_path is not None:
+        from ..engine.speculate import check_draft
         from ..load import load
-        from ..speculate import check_draft
 
         draft, draft_tokenizer = load(draft_path)
         check_draft(model, draft, tokenizer, draft_tokenizer)

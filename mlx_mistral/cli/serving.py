@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..engine import DEFAULT_MAX_BATCH
 from .options import model_option
 
 
@@ -14,12 +15,15 @@ from .options import model_option
 @click.option("--api-key", default=None, envvar="MLX_MISTRAL_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
 @click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=None,
-              help="Reply length for requests that set none (default: up to the context length).")
+              help="Reply length for requests that set none (default: 4096, capped by the context).")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="Requests generated together in one batch; later ones wait in arrival order.")
+@click.option("--no-ui", "ui", is_flag=True, flag_value=False, default=True, help="Do not serve the chat page at /.")
 @click.option("--drain-timeout", default=30.0, show_default=True,
               help="Seconds that in-flight requests get to finish on Ctrl-C / SIGTERM.")
-def serve(model, host, port, api_key, default_max_tokens, drain_timeout):
+def serve(model, host, port, api_key, default_max_tokens, max_batch, ui, drain_timeout):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models."""
     from ..server import serve as run_server
 
     run_server(model, host=host, port=port, api_key=api_key, default_max_tokens=default_max_tokens,
-               drain_timeout=drain_timeout)
+               drain_timeout=drain_timeout, max_batch=max_batch, ui=ui)

@@ -10,9 +10,9 @@ from .errors import OpenAIError, error_location
 from .metrics import Metrics
 from .replies import ReplyAssembler
 from .schemas import ChatRequest, CompletionRequest, SamplingRequest
-from .worker import Engine, Failed, Finished, Job
+from .worker import Failed, Finished, Job, Worker
 
 __all__ = [
-    "ChatRequest", "CompletionRequest", "Engine", "Failed", "Finished", "Job", "Metrics", "OpenAIError",
+    "ChatRequest", "CompletionRequest", "Worker", "Failed", "Finished", "Job", "Metrics", "OpenAIError",
     "ReplyAssembler", "SamplingRequest", "Settings", "create_app", "error_location", "serve", "served_name",
 ]

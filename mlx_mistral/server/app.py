@@ -19,11 +19,16 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..constrain import Limits
+from ..engine import DEFAULT_MAX_BATCH
 from ..errors import MistralError
 from .errors import install_error_handlers
 from .metrics import CountRequests, Metrics
-from .routes import router
-from .worker import Engine
+from .routes import guarded, router
+from .worker import Worker
+
+# Reply length of a request that sets none: long answers fit, and one client that forgets the
+# field cannot hold a batch slot for the whole context (32k tokens is minutes on a laptop).
+DEFAULT_MAX_TOKENS = 4096
 
 
 class Settings:
@@ -37,34 +42,41 @@ class Settings:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
-    engine = app.state.engine
-    engine.start()
+    worker = app.state.worker
+    worker.start()
     try:
         yield
     finally:
-        await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(worker.stop)
 
 
 def create_app(model, tokenizer, *, model_id: str = "mlx-mistral", aliases: set[str] = frozenset(),
                api_key: Optional[str] = None, context_length: Optional[int] = None,
                default_max_tokens: Optional[int] = None, prefix_cache: bool = True,
-               limits: Optional[Limits] = None) -> FastAPI:
+               limits: Optional[Limits] = None, max_batch: int = DEFAULT_MAX_BATCH, ui: bool = True) -> FastAPI:
     """The ASGI app serving `model`; its generation worker runs for the app's lifespan.
 
-    `limits` bound the values of constrained tool calls and JSON replies where their schemas
-    leave them unbounded (see `constrain.Limits`; the library's defaults when None)."""
+    Up to `max_batch` requests generate together, in one forward pass per step; later ones wait
+    in arrival order. A request without max_tokens gets `default_max_tokens` (DEFAULT_MAX_TOKENS
+    when None), capped by the context. `limits` bound the values of constrained tool calls and
+    JSON replies where their schemas leave them unbounded (see `constrain.Limits`). `ui` serves
+    the chat page at /."""
     settings = Settings(model_id, set(aliases), context_length or model.args.max_position_embeddings,
-                        api_key, default_max_tokens, limits or Limits())
+                        api_key, default_max_tokens or DEFAULT_MAX_TOKENS, limits or Limits())
     metrics = Metrics()
-    engine = Engine(model, tokenizer, metrics, prefix_cache=prefix_cache)
+    worker = Worker(model, tokenizer, metrics, prefix_cache=prefix_cache, max_batch=max_batch)
     app = FastAPI(title="mlx-mistral", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.worker = worker
     app.state.metrics = metrics
     app.state.tokenizer = tokenizer
     install_error_handlers(app)
     app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(router)
+    if ui:
+        from ..webui import install_page
+
+        install_page(app, guard=guarded)
     return app
 
 
@@ -101,7 +113,8 @@ def _quiet_exit_server():
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
-          default_max_tokens: Optional[int] = None, drain_timeout: float = 30.0, log_level: str = "info") -> None:
+          default_max_tokens: Optional[int] = None, drain_timeout: float = 30.0, log_level: str = "info",
+          max_batch: int = DEFAULT_MAX_BATCH, ui: bool = True) -> None:
     """Load the model and serve it until Ctrl-C or SIGTERM; in-flight requests finish first
     (for up to `drain_timeout` seconds)."""
     import uvicorn
@@ -111,7 +124,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key
     model, tokenizer = load(model_path)
     model_id, aliases = served_name(model_path)
     app = create_app(model, tokenizer, model_id=model_id, aliases=aliases, api_key=api_key,
-                     default_max_tokens=default_max_tokens)
+                     default_max_tokens=default_max_tokens, max_batch=max_batch, ui=ui)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout)
     server = _quiet_exit_server()(config)

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from ..constrain import check_request
 from ..errors import MistralError
 from ..generate import Response as Piece
+from ..generate import build_request
 from ..tools import validate_request
 from .auth import authorize
 from .errors import OpenAIError
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPERATURE = 0.15  # Mistral's recommendation for Mistral Small 3, as in the CLI
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
-SEED_MODULUS = 2**32  # mx.random.seed takes an unsigned 64-bit value; clients send any int
+SEED_MODULUS = 2**64  # a request's random key takes an unsigned 64-bit value; clients send any int
 
 router = APIRouter()
 guarded = [Depends(authorize)]
@@ -51,7 +52,7 @@ def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, 
     room = ctx - n_prompt
     max_tokens = body.length_limit
     if max_tokens is None:
-        max_tokens = min(room, settings.default_max_tokens or room)
+        max_tokens = min(room, settings.default_max_tokens)
     elif max_tokens > room:
         raise OpenAIError(400, f"This model's maximum context length is {ctx} tokens: the prompt has "
                           f"{n_prompt} tokens and max_tokens asks for {max_tokens} more.",
@@ -72,8 +73,12 @@ async def run(request: Request, ids: list[int], params: dict) -> AsyncIterator[o
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             job.cancel()
 
-    job = Job(ids, params, emit)
-    request.app.state.engine.submit(job)
+    tokenizer = request.app.state.tokenizer
+    try:
+        job = Job(build_request(tokenizer, ids, **params), emit)
+        request.app.state.worker.submit(job)
+    except MistralError as e:  # checked before anything streams: a plain 400
+        raise OpenAIError(400, str(e)) from None
     try:
         while True:
             try:

@@ -1,24 +1,23 @@
-"""The generation worker of the server: one thread owns the model and serves jobs in arrival order.
+"""The generation worker of the server: one thread runs the engine; handlers submit jobs.
 
-MLX is not re-entrant, so every model call happens on this one thread; HTTP handlers on the
-event loop submit a `Job` and receive its events through `Job.emit`. Between jobs the worker
-keeps the KV of the last sequence it served (a `ConversationCache`): a follow-up turn of the same
-conversation starts with that sequence, so only its new tokens are run through the model.
+MLX is not re-entrant, so every model call happens on this one thread. HTTP handlers on the
+event loop build a `Request`, submit a `Job` and receive its events through `Job.emit`. The
+engine batches every running job into one forward pass per step, admits new ones in arrival
+order up to `max_batch`, and keeps recent conversations so a follow-up turn starts from the KV
+of the turn before it.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
-from ..cache import ConversationCache
-from ..generate import Response, stream_generate
+from ..engine import DEFAULT_MAX_BATCH, Engine, Request, Response, Stream
 from .metrics import Metrics
 
 log = logging.getLogger("mlx_mistral.server")
@@ -26,12 +25,13 @@ log = logging.getLogger("mlx_mistral.server")
 
 @dataclass
 class Finished:
-    """The last event of a job that ran to its end."""
+    """The last event of one reply that ran to its end."""
 
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    index: int = 0
 
 
 @dataclass
@@ -43,26 +43,30 @@ class Failed:
 
 @dataclass
 class Job:
-    ids: list[int]  # the whole prompt
-    params: dict[str, Any]  # stream_generate keyword arguments (sampling, stop, max_tokens, tools and formats)
+    request: Request
     emit: Callable[[object], None]  # delivers a Response, Finished or Failed to the requester
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    stream: Optional[Stream] = None
     queued_at: float = field(default_factory=time.perf_counter)
+    first_at: Optional[float] = None
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        if self.stream is not None:
+            self.stream.cancel()
 
 
-class Engine:
-    """Owns the model; serves submitted jobs one at a time, first come first served."""
+class Worker:
+    """Owns the engine and the thread that steps it."""
 
-    def __init__(self, model, tokenizer, metrics: Metrics, prefix_cache: bool = True):
-        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        self.conversation = ConversationCache(model)
-        self.prefix_cache = prefix_cache
-        self.jobs: queue.Queue[Optional[Job]] = queue.Queue()
-        # held while a job runs: whoever else needs the model in this process waits on it
+    def __init__(self, model, tokenizer, metrics: Metrics, *, prefix_cache: bool = True,
+                 max_batch: int = DEFAULT_MAX_BATCH):
+        # two kept conversations per slot: a client's next turn usually finds its own
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, prefix_cache=2 * max_batch if prefix_cache else 0)
+        self.metrics = metrics
+        self.jobs: list[Job] = []
+        self.jobs_lock = threading.Lock()
+        # held while a step runs: whoever else needs the model in this process waits on it
         self.lock = threading.Lock()
+        self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
@@ -70,66 +74,82 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Serve what is queued, then end the worker."""
+        """Finish what is running and queued, then end the thread."""
         if self._thread is not None:
-            self.jobs.put(None)
+            while self.engine.busy and self._thread.is_alive():
+                time.sleep(0.05)
+            self._stop.set()
+            self.engine.stop_waiting()
             self._thread.join()
             self._thread = None
 
     def submit(self, job: Job) -> None:
+        """Queue a job (refuses a request the engine cannot run with a MistralError)."""
+        job.stream = self.engine.submit(job.request)
+        with self.jobs_lock:
+            self.jobs.append(job)
         self.metrics.queue_depth.inc()
-        self.jobs.put(job)
 
     def _work(self) -> None:
         try:
-            while (job := self.jobs.get()) is not None:
-                self.metrics.queue_depth.dec()
-                if job.cancelled.is_set():  # its client left while it waited
-                    self.metrics.cancelled.inc()
-                    continue
+            while not self._stop.is_set():
+                with self.engine.wake:
+                    while not self.engine.busy and not self._stop.is_set():
+                        self.engine.wake.wait(0.5)
+                if self._stop.is_set():
+                    break
                 with self.lock:
-                    self.metrics.running.inc()
                     try:
-                        self._serve(job)
-                    # the worker must outlive any one request's failure, or the server hangs
+                        self.engine.step()
+                    # the worker must outlive any one step's failure, or the server hangs
                     except Exception as e:  # noqa: BLE001
                         log.exception("generation failed")
-                        self.conversation.reset()
-                        job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                    finally:
-                        self.metrics.running.dec()
+                        self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                self._deliver()
         finally:
             mx.clear_streams()  # MLX needs each thread's streams released before the process exits
 
-    def _serve(self, job: Job) -> None:
-        if not self.prefix_cache:
-            self.conversation.reset()
-        generated: list[int] = []
-        first_at = None
-        last: Optional[Response] = None
-        # the cache reuses its common prefix with job.ids and, however the steps end, records
-        # the sequence it then holds
-        steps = stream_generate(self.model, self.tokenizer, job.ids, prompt_cache=self.conversation, **job.params)
-        try:
-            for last in steps:
-                if job.cancelled.is_set():
-                    self.metrics.cancelled.inc()
-                    break
-                if last.token is not None:
-                    generated.append(last.token)
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                        self.metrics.ttft.observe(first_at - job.queued_at)
-                job.emit(last)
-        finally:
-            steps.close()
-        cached = last.cached_tokens if last is not None else 0
-        self.metrics.prompt_tokens.inc(len(job.ids))
-        self.metrics.cached_tokens.inc(cached)
-        if last is None or last.finish_reason is None:  # cancelled
-            self.metrics.completion_tokens.inc(len(generated))
+    def _fail_all(self, message: str) -> None:
+        self.engine.reset()
+        with self.jobs_lock:
+            jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            if job.first_at is None:
+                self.metrics.queue_depth.dec()
+            job.emit(Failed(message))
+        self.metrics.running.set(0)
+
+    def _deliver(self) -> None:
+        """Pass each job's new responses on; a finished reply becomes a Finished event."""
+        with self.jobs_lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            stream = job.stream
+            while stream.events:
+                self._relay(job, stream.events.popleft())
+            if stream.done:
+                with self.jobs_lock:
+                    self.jobs.remove(job)
+        self.metrics.running.set(len(self.engine.active))
+
+    def _relay(self, job: Job, r: Response) -> None:
+        if job.first_at is None:  # out of the queue: its first event, a token or its end
+            job.first_at = time.perf_counter()
+            self.metrics.queue_depth.dec()
+            if r.token is not None:
+                self.metrics.ttft.observe(job.first_at - job.queued_at)
+        if r.finish_reason is None:
+            if r.token is not None:
+                self.metrics.completion_tokens.inc()
+            job.emit(r)
             return
-        self.metrics.completion_tokens.inc(last.generation_tokens)
-        if last.generation_tokens > 1:
-            self.metrics.decode_tps.observe(last.generation_tps)
-        job.emit(Finished(last.finish_reason, len(job.ids), last.generation_tokens, cached))
+        if r.index == 0:
+            self.metrics.prompt_tokens.inc(r.prompt_tokens)
+            self.metrics.cached_tokens.inc(r.cached_tokens)
+        if r.finish_reason == "cancelled":
+            self.metrics.cancelled.inc()
+            return
+        job.emit(r)  # the text the detokenizer and the stop matcher held back
+        if r.generation_tokens > 1:
+            self.metrics.decode_tps.observe(r.generation_tps)
+        job.emit(Finished(r.finish_reason, r.prompt_tokens, r.generation_tokens, r.cached_tokens, r.index))

@@ -20,10 +20,11 @@ from typing import Callable, Generator, Optional, Protocol
 
 import mlx.core as mx
 
-from .cache import can_trim_prompt_cache, make_cache, trim_prompt_cache
-from .errors import MistralError
-from .generate import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill
-from .sampling import LogitsProcessor, Sampler
+from ..cache import can_trim_prompt_cache, trim_prompt_cache
+from ..errors import MistralError
+from ..sampling import LogitsProcessor, Sampler
+from .backend import backend_for
+from .steps import DEFAULT_PREFILL_STEP, generate_step, generation_stream, greedy, prefill
 
 MODES = ("none", "lookup", "draft")
 DEFAULT_NUM_DRAFT = 4  # longer drafts rarely survive whole and every drafted token costs compute
@@ -124,8 +125,8 @@ class ModelDrafter:
     """Greedy drafts from a smaller model, whose own KV cache is rolled back like the target's."""
 
     def __init__(self, draft_model, prompt: mx.array, prefill_step_size: int):
-        self.model = draft_model
-        self.cache = make_cache(draft_model)
+        self.model = backend_for(draft_model)
+        self.cache = self.model.make_cache()
         prefill(draft_model, prompt[:-1], self.cache, prefill_step_size)
         self.pending = prompt[-1:]  # ids the draft cache has not seen yet, (P,)
         self.fed = 0  # draft ids fed through the draft model in the last proposal
@@ -135,7 +136,7 @@ class ModelDrafter:
         ids = self.pending
         for _ in range(k):
             # lazy graph: the k steps are evaluated together with the verification pass
-            ids = mx.argmax(self.model(ids[None], cache=self.cache)[0, -1], keepdims=True)  # (1,)
+            ids = mx.argmax(self.model(ids[None], self.cache)[0, -1], keepdims=True)  # (1,)
             drafts.append(ids)
         self.fed = k - 1  # the last draft was proposed but never fed
         return mx.concatenate(drafts).astype(mx.int32)
@@ -172,18 +173,19 @@ def _speculative_loop(
         raise MistralError("the prompt is empty: nothing to continue from")
     if num_draft < 0:
         raise MistralError("num_draft must be >= 0")
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    run = backend_for(model)
+    cache = prompt_cache if prompt_cache is not None else run.make_cache()
     if not can_trim_prompt_cache(cache):
         kinds = sorted({type(c).__name__ for c in cache if not c.is_trimmable()})
         raise MistralError(f"speculative decoding needs a KV cache that can roll back; {', '.join(kinds)} cannot")
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    sampler = sampler or greedy
     prompt = prompt.astype(mx.int32)
     history = prompt  # ids the logits processors look back over, (L,)
 
     def verify(y: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
         """Target tokens and log-probabilities after y and after each draft, (1+d,), (1+d, vocab)."""
         inputs = mx.concatenate([y, drafts])  # (1+d,)
-        logits = model(inputs[None], cache=cache)[0]  # (1+d, vocab)
+        logits = run(inputs[None], cache)[0]  # (1+d, vocab)
         if logits_processors:
             rows = []
             for i in range(inputs.size):

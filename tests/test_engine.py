@@ -1,0 +1,215 @@
+"""The engine: batched replies equal replies alone; cancellation, arrival and n > 1."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from mlx_mistral import load
+from mlx_mistral.engine import Constraint, Engine, Request
+from mlx_mistral.engine.backend import backend_for
+from mlx_mistral.errors import MistralError
+from mlx_mistral.sampling import SamplingParams
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["answer"]}}}
+
+
+class LogitsRecorder:
+    """A logits processor that keeps each row it sees (and changes nothing)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, history, logits):
+        self.rows.append(logits)
+        return logits
+
+
+@pytest.fixture(scope="module", params=["mlx", "native"])
+def quirk(request, tiny_dir, tiny_q4_dir):
+    """The tiny Mistral-quirk shape on each path: MLX ops (bf16 weights in float32) and the
+    native decoder (4-bit weights)."""
+    model, tok = load(tiny_q4_dir if request.param == "native" else tiny_dir)
+    backend = backend_for(model, native=request.param == "native")
+    if request.param == "native" and backend.name != "native-cpu":
+        pytest.skip("the native CPU decoder is not available here")
+    return model, tok, backend
+
+
+def prompt_ids(tok, n: int, seed: int) -> tuple[int, ...]:
+    ids = mx.random.randint(1000, tok.vocab_size, (n,), key=mx.random.key(seed)).tolist()
+    return tuple([1] + ids)
+
+
+def run(model, tok, backend, requests, *, max_batch=8, arrivals=None, prefill_chunk=64):
+    """Run `requests` on one engine, submitting request i before step arrivals[i]; returns
+    each request's responses."""
+    engine = Engine(model, tok, max_batch=max_batch, prefill_chunk=prefill_chunk, backend=backend)
+    arrivals = arrivals or [0] * len(requests)
+    streams, out = {}, {i: [] for i in range(len(requests))}
+    step = 0
+    while len(streams) < len(requests) or engine.busy:
+        for i, at in enumerate(arrivals):
+            if at == step and i not in streams:
+                streams[i] = engine.submit(requests[i])
+        engine.step()
+        step += 1
+        for i, stream in streams.items():
+            while stream.events:
+                out[i].append(stream.events.popleft())
+    return out
+
+
+def tokens(responses) -> list[int]:
+    return [r.token for r in responses if r.token is not None]
+
+
+def test_batched_equals_alone(quirk):
+    model, tok, backend = quirk
+    lengths = [3, 40, 11, 70, 5, 23, 9, 33]
+    budgets = [6, 12, 4, 9, 16, 7, 10, 5]
+    recorders = [LogitsRecorder() for _ in lengths]
+    requests = [Request(prompt_ids(tok, n, seed=i), max_tokens=m, ignore_eos=True, logits_processors=(rec,))
+                for i, (n, m, rec) in enumerate(zip(lengths, budgets, recorders))]
+    tools = tok.encode_chat([{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER)
+    requests[2] = Request(tuple(tools), max_tokens=80, constraint=Constraint(WEATHER, "required", parallel_tool_calls=False))
+    user = tok.encode_chat([{"role": "user", "content": "A number?"}])
+    requests[5] = Request(tuple(user), max_tokens=40, constraint=Constraint(response_format=SCHEMA))
+    alone = [run(model, tok, backend, [r], max_batch=1)[0] for r in requests]
+    alone_rows = [list(rec.rows) for rec in recorders]
+    for rec in recorders:
+        rec.rows.clear()
+    # a stop string that the reply alone contains ends the batched one at the same place
+    text = "".join(r.text for r in alone[1])
+    requests[1] = Request(requests[1].prompt, max_tokens=12, ignore_eos=True, stop=(text[4:7],),
+                          logits_processors=(recorders[1],))
+    alone[1] = run(model, tok, backend, [requests[1]], max_batch=1)[0]
+    alone_rows[1] = list(recorders[1].rows)
+    recorders[1].rows.clear()
+    batched = run(model, tok, backend, requests, arrivals=[0, 0, 1, 1, 2, 4, 4, 7])
+    for i in range(len(requests)):
+        assert tokens(batched[i]) == tokens(alone[i]), f"request {i}"
+        assert batched[i][-1].finish_reason == alone[i][-1].finish_reason
+        assert "".join(r.text for r in batched[i]) == "".join(r.text for r in alone[i])
+    assert alone[1][-1].finish_reason == "stop" and len(tokens(alone[1])) < 12
+    call = json.loads(tok.decode(tokens(batched[2])[1:]))
+    assert call[0]["name"] == "get_weather" and isinstance(call[0]["arguments"]["city"], str)
+    assert isinstance(json.loads("".join(r.text for r in batched[5]))["answer"], int)
+    for i, rec in enumerate(recorders):
+        if i in (2, 5):
+            continue
+        assert len(rec.rows) == len(alone_rows[i]) > 0
+        for a, b in zip(alone_rows[i], rec.rows):
+            scale = float(mx.abs(a).max())
+            assert float(mx.abs(a - b).max()) <= 1e-3 * scale + 1e-4, f"request {i} logits"
+
+
+def test_seeded_sampling_is_the_same_in_a_batch(quirk):
+    model, tok, backend = quirk
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    target = Request(prompt_ids(tok, 12, seed=1), max_tokens=10, sampling=sampling, ignore_eos=True)
+    others = [Request(prompt_ids(tok, 7 + i, seed=20 + i), max_tokens=8, ignore_eos=True,
+                      sampling=SamplingParams(temperature=0.8, seed=i)) for i in range(3)]
+    alone = run(model, tok, backend, [target], max_batch=1)[0]
+    batched = run(model, tok, backend, others + [target])[3]
+    assert tokens(batched) == tokens(alone)
+
+
+def test_cancel_frees_the_slot_and_leaves_others_alone(quirk):
+    model, tok, backend = quirk
+    requests = [Request(prompt_ids(tok, 9 + i, seed=40 + i), max_tokens=12, ignore_eos=True) for i in range(4)]
+    alone = [run(model, tok, backend, [r], max_batch=1)[0] for r in requests]
+    engine = Engine(model, tok, max_batch=3, backend=backend)
+    streams = [engine.submit(r) for r in requests]
+    for _ in range(3):
+        engine.step()
+    assert streams[3].events == type(streams[3].events)()  # waiting: the batch is full
+    streams[1].cancel()
+    engine.step()  # the cancelled reply ends, and the waiting one takes its slot
+    assert streams[1].done and streams[1].events[-1].finish_reason == "cancelled"
+    assert any(s.stream is streams[3] for s in engine.active)
+    while engine.busy:
+        engine.step()
+    for i in (0, 2, 3):
+        assert tokens(streams[i].events) == tokens(alone[i])
+    assert len(tokens(streams[1].events)) < 12
+
+
+def test_a_newcomer_is_not_held_behind_a_long_prefill(quirk):
+    model, tok, backend = quirk
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=16, backend=backend)
+    long = engine.submit(Request(prompt_ids(tok, 300, seed=5), max_tokens=4, ignore_eos=True))
+    engine.step()
+    short = engine.submit(Request(prompt_ids(tok, 6, seed=6), max_tokens=4, ignore_eos=True))
+    steps = 0
+    while not any(r.token is not None for r in short.events):
+        engine.step()
+        steps += 1
+    # the short prompt fits one chunk: its first token comes one step later, while the long
+    # prompt is still being prefilled (300 ids at 16 per step)
+    assert steps <= 2
+    assert not any(r.token is not None for r in long.events)
+
+
+def test_n_replies_share_one_prefill(quirk):
+    model, tok, backend = quirk
+    calls = []
+
+    class Counting:
+        name = backend.name
+
+        def make_cache(self, *a, **k):
+            return backend.make_cache(*a, **k)
+
+        def __call__(self, tokens, cache):
+            calls.append(tokens.shape[1])
+            return backend(tokens, cache)
+
+        def decode(self, tokens, caches):
+            return backend.decode(tokens, caches)
+
+    prompt = prompt_ids(tok, 50, seed=9)
+    alone = run(model, tok, backend, [Request(prompt, max_tokens=6, ignore_eos=True)], max_batch=1)[0]
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=64, backend=Counting())
+    stream = engine.submit(Request(prompt, max_tokens=6, ignore_eos=True, n=3))
+    out = list(engine.responses(stream))
+    assert calls == [len(prompt) - 1]  # the prompt went through the model once
+    for index in range(3):
+        assert tokens([r for r in out if r.index == index]) == tokens(alone)
+    sampled = Request(prompt, max_tokens=8, ignore_eos=True, n=3, sampling=SamplingParams(temperature=1.0, seed=3))
+    engine = Engine(model, tok, max_batch=4, backend=backend)
+    out = list(engine.responses(engine.submit(sampled)))
+    replies = {tuple(tokens([r for r in out if r.index == i])) for i in range(3)}
+    assert len(replies) > 1  # each reply draws with its own key
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt=()), dict(max_tokens=0), dict(n=0), dict(logprobs=99),
+    dict(sampling=dict(temperature=float("nan"))), dict(sampling=dict(top_k=-5)), dict(sampling=dict(min_p=2)),
+    dict(sampling=dict(seed=1.5)), dict(sampling=dict(presence_penalty=3)),
+])
+def test_a_bad_request_is_refused_when_built(bad):
+    fields = dict(prompt=(1, 2, 3))
+    if "sampling" in bad:
+        with pytest.raises(MistralError):
+            SamplingParams(**bad["sampling"])
+        return
+    fields.update(bad)
+    with pytest.raises(MistralError):
+        Request(**fields)
+
+
+def test_the_context_length_is_enforced(quirk):
+    model, tok, backend = quirk
+    engine = Engine(model, tok, backend=backend)
+    ctx = model.args.max_position_embeddings
+    with pytest.raises(MistralError, match=str(ctx)):
+        engine.submit(Request(tuple(range(1, ctx + 2)), max_tokens=1))
+    with pytest.raises(MistralError, match="vocabulary"):
+        engine.submit(Request((1, model.args.vocab_size), max_tokens=1))
