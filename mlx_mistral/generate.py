@@ -9,6 +9,7 @@ from typing import Any, Callable, Generator, Iterable, Optional, Union
 import mlx.core as mx
 
 from .cache import ConversationCache, KVSettings, make_cache
+from .engine.backend import backend_for
 from .constrain import Limits, ToolChoice, make_processor
 from .errors import MistralError
 from .sampling import LogitsProcessor, Sampler, processors_from, sampler_from
@@ -27,9 +28,10 @@ def prefill(model, tokens: mx.array, cache: list, step_size: int = DEFAULT_PREFI
             progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Run `tokens` (1-D) through the model in chunks, filling `cache`; returns nothing."""
     total = tokens.size
+    runner = backend_for(model)
     for start in range(0, total, step_size):
         chunk = tokens[start : start + step_size]
-        model(chunk[None], cache=cache)
+        runner(chunk[None], cache=cache)
         mx.eval([c.state for c in cache])
         if progress:
             progress(min(start + step_size, total), total)
@@ -63,9 +65,10 @@ def generate_step(
     cache = prompt_cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     history = [prompt]  # ids the logits processors look back over
+    runner = backend_for(model)
 
     def decode_one_token(ids: mx.array, new: bool = True) -> tuple[mx.array, mx.array]:
-        logits = model(ids[None], cache=cache)[:, -1, :]  # (1, vocab)
+        logits = runner(ids[None], cache=cache)[:, -1, :]  # (1, vocab)
         if logits_processors:
             if new:
                 history[0] = mx.concatenate([history[0], ids])

@@ -21,6 +21,7 @@ from typing import Callable, Generator, Optional, Protocol
 import mlx.core as mx
 
 from .cache import can_trim_prompt_cache, make_cache, trim_prompt_cache
+from .engine.backend import backend_for
 from .errors import MistralError
 from .generate import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill
 from .sampling import LogitsProcessor, Sampler
@@ -125,6 +126,7 @@ class ModelDrafter:
 
     def __init__(self, draft_model, prompt: mx.array, prefill_step_size: int):
         self.model = draft_model
+        self.runner = backend_for(draft_model)
         self.cache = make_cache(draft_model)
         prefill(draft_model, prompt[:-1], self.cache, prefill_step_size)
         self.pending = prompt[-1:]  # ids the draft cache has not seen yet, (P,)
@@ -135,7 +137,7 @@ class ModelDrafter:
         ids = self.pending
         for _ in range(k):
             # lazy graph: the k steps are evaluated together with the verification pass
-            ids = mx.argmax(self.model(ids[None], cache=self.cache)[0, -1], keepdims=True)  # (1,)
+            ids = mx.argmax(self.runner(ids[None], cache=self.cache)[0, -1], keepdims=True)  # (1,)
             drafts.append(ids)
         self.fed = k - 1  # the last draft was proposed but never fed
         return mx.concatenate(drafts).astype(mx.int32)
@@ -179,11 +181,12 @@ def _speculative_loop(
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     prompt = prompt.astype(mx.int32)
     history = prompt  # ids the logits processors look back over, (L,)
+    runner = backend_for(model)
 
     def verify(y: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
         """Target tokens and log-probabilities after y and after each draft, (1+d,), (1+d, vocab)."""
         inputs = mx.concatenate([y, drafts])  # (1+d,)
-        logits = model(inputs[None], cache=cache)[0]  # (1+d, vocab)
+        logits = runner(inputs[None], cache=cache)[0]  # (1+d, vocab)
         if logits_processors:
             rows = []
             for i in range(inputs.size):
