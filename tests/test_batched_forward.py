@@ -130,6 +130,7 @@ def test_decode_wants_one_cache_per_token(tiny_q4):
     runner = backend_for(tiny_q4)
     with pytest.raises(ValueError, match="2 tokens but 1 caches"):
         runner.decode([5, 6], [runner.make_cache()])
+    assert runner.decode([], []).shape == (0, tiny_q4.args.vocab_size)
 
 
 @native_only
@@ -137,7 +138,10 @@ def test_the_switches_pick_the_backend(tiny_q4, tiny, monkeypatch):
     assert backend_for(tiny_q4) is backend_for(tiny_q4)  # one per model
     assert backend_for(tiny_q4).name == "native-cpu" and type(make_cache(tiny_q4)[0]) is NativeKVCache
     assert backend_for(tiny_q4, native=False).name == "mlx"
+    assert backend_for(tiny_q4, native=True).name == "native-cpu"
     assert backend_for(tiny[0]).name == "mlx"  # float weights: nothing native to run
+    with pytest.raises(ValueError, match="cannot run this model: a projection is not affine"):
+        backend_for(tiny[0], native=True)
     monkeypatch.setenv(NATIVE_ENV, "0")
     assert backend_for(tiny_q4).name == "mlx" and type(make_cache(tiny_q4)[0]) is KVCache
     monkeypatch.delenv(NATIVE_ENV)

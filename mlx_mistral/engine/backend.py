@@ -58,6 +58,8 @@ class Backend:
 
         self.weights, self.switches = _weights(self.model), _switches()
         self.refusal = "turned off (native=False)" if self.native is False else native_refusal(self.model)
+        if self.native is True and self.refusal is not None:
+            raise ValueError(f"the native CPU decoder cannot run this model: {self.refusal}")
         self.decoder = NativeDecoder(self.model) if self.refusal is None else None
         self.name = "native-cpu" if self.decoder is not None else "mlx"
 
@@ -101,6 +103,8 @@ class Backend:
         if len(tokens) != len(caches):
             raise ValueError(f"{len(tokens)} tokens but {len(caches)} caches")
         tokens = [int(t) for t in tokens]
+        if not tokens:
+            return mx.zeros((0, self.model.args.vocab_size), mx.float32)
         decoder = self.decoder
         native = [b for b, c in enumerate(caches) if decoder is not None and decoder.owns(c)]
         rest = sorted(set(range(len(tokens))) - set(native))
@@ -143,7 +147,7 @@ def backend_for(model, *, native: Optional[bool] = None) -> Backend:
     """The backend that runs `model`, one per model and `native` choice, rebuilt when the model's
     weights change. native=None: the native CPU decoder where it can run (MLX's CPU backend,
     formats its kernels cover, MLX_MISTRAL_NATIVE_DECODER != "0"); False: MLX ops; True: the
-    native decoder where it can run, as None (it is never forced onto a model it cannot run)."""
+    native decoder or a ValueError saying why it cannot run."""
     slot = model.__dict__.get(_SLOT)
     if slot is None:
         slot = _Slot()

@@ -1,12 +1,15 @@
 /* The decoder stack on the CPU in one call (included by cpu_qmm.c, after cpu_pool.h).
  *
- * Per call, M tokens at positions offset .. offset + M - 1 go through every block:
+ * Per call, M rows go through every block; row m is one token of sequence seq[m] at position
+ * pos[m] (a prefill chunk: one sequence at consecutive positions; a batched decode step: M
+ * sequences of one token each, at their own lengths):
  *   x += o(attention(rope(q), rope(k) -> cache, v -> cache))   of rmsnorm(x)
  *   x += down(silu(gate) * up)                                   of rmsnorm(x)
- * then the final RMSNorm and, if asked, the output head. The matmuls are the kernels above; the
- * K/V cache is mlx-lm's KVCache layout (n_kv, capacity, head_dim) in fp32, written in place.
- * Attention runs one (head, query) pair per chunk on the pool for a few queries, and through
- * the process's BLAS (scores, then values) per head for prefill-sized blocks.
+ * then the final RMSNorm and, if asked, the output head. The matmuls are the kernels above and
+ * read each weight once for all M rows; the K/V caches are mlx-lm's KVCache layout
+ * (n_kv, capacity, head_dim) in fp32, one per (sequence, layer), written in place. Attention
+ * runs one (head, row) pair per chunk on the pool, over the row's own sequence and length, and
+ * through the process's BLAS (scores, then values) per head for prefill-sized blocks.
  *
  * Why one call: MLX's CPU backend spends 7-40 us per op, and a block is ~15 ops, so a small
  * model's decode step is dominated by op overhead rather than by reading its weights.
