@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .kernels.dispatch import compute_dtype
 from .errors import MistralError, first_line
 from .model import Model
 from .tokenizer import load_tokenizer
@@ -20,24 +21,19 @@ HUB_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.js
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def compute_dtype() -> Optional[mx.Dtype]:
-    """float32 on MLX's CPU backend (its quantized matmul is ~10x faster in float32 than in
-    bfloat16); None on GPUs, which keep the checkpoint's float16/bfloat16."""
-    gpu = mx.metal.is_available() or mx.cuda.is_available()
-    return None if gpu else mx.float32
-
-
 def runtime_summary(model=None, kv_bits: Optional[int] = None, max_kv_size: Optional[int] = None) -> str:
     """Where the numbers come from, for --verbose (with `model`: which forward path it takes)."""
     from . import _blas
+    from .engine.backend import backend_for
     from .kernels import dispatch
 
     dtype = compute_dtype()
     text = (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
             f"BLAS: {_blas.describe()}, kernels: {dispatch.describe()}")
     if model is not None and dispatch.backend() == "cpu":
-        if model.native_decoder() is None:
-            text += ", forward: MLX ops"
+        runner = backend_for(model)
+        if runner.decoder is None:
+            text += f", forward: {runner.describe()}"
         elif kv_bits or max_kv_size:
             text += ", forward: MLX ops (the native decoder keeps a plain KV cache: no --kv-bits/--max-kv-size)"
         else:

@@ -23,6 +23,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from .cache import KEEP, ConversationCache, KVCache, KVSettings, RotatingKVCache, adopt, common_prefix_length, portable
 from .errors import MistralError, first_line
 from .engine.steps import prefill
+from .kernels.dispatch import compute_dtype
 
 FORMAT = "mlx-mistral-prompt-cache/1"
 # the document and the question of a request are joined with this (see `PromptCacheFile.messages`)
@@ -152,7 +153,7 @@ def load_prompt_cache_file(path: str | Path, model, *, kv_bits: Optional[int] = 
         raise MistralError(f"{path} holds {made.describe()} but {asked.describe()} was asked for: "
                            f"pass the same --kv-bits/--kv-group-size or {remake}")
     if kv_bits is None:
-        dtype = model.model.norm.weight.dtype  # the file may come from a backend computing in another dtype
+        dtype = compute_dtype(model)  # the file may come from a backend computing in another dtype
         for c in cache:
             c.keys, c.values = c.keys.astype(dtype), c.values.astype(dtype)
     tokens = json.loads(meta["tokens"])
