@@ -150,6 +150,17 @@ def load_tokenizer(folder: str | Path):
     raise MistralError(f"{folder} has no tekken.json (nor HF tokenizer files)")
 
 
+def check_tokenizer(tokenizer, vocab_size: int, where: str | Path) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table.
+
+    A Tekken file must match vocab_size exactly (Mistral ships them cut to the model's size); an
+    HF tokenizer may be smaller than a padded table, never larger."""
+    n = tokenizer.vocab_size
+    if (n != vocab_size) if tokenizer.mistral is not None else (n > vocab_size):
+        raise MistralError(f"the tokenizer in {where} has {n} tokens but config.json's vocab_size is {vocab_size}: "
+                           "they belong to different models")
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split("\n")[:3])[:300]
