@@ -126,10 +126,10 @@ def convert(
         config["quantization"] = quantization_config(quant, bits, group_size)
         config["quantization_config"] = config["quantization"]  # what HF-style readers look for
 
-    if progress:
-        progress.start(len(source.tensors), source.nbytes)
     try:
         with atomic_output_dir(out, force) as tmp:
+            if progress:  # once the folder exists: an error creating it is a line of its own
+                progress.start(len(source.tensors), source.nbytes)
             with StreamingShardWriter(tmp, specs, max_bytes=shard_bytes) as writer:
                 for t in source.tensors:
                     names = [name for name, _, _ in output_specs(t.name, t.shape, quant[t.name], mx_dtype)]

@@ -138,8 +138,8 @@ class ModelArgs:
         if self.head_dim % 2:
             raise ConfigError("head_dim", f"must be even (RoPE rotates pairs), not {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("num_attention_heads", f"({self.num_attention_heads}) must be a multiple of "
-                              f"num_key_value_heads ({self.num_key_value_heads})")
+            raise ConfigError("num_key_value_heads", f"({self.num_key_value_heads}) must divide the number of "
+                              f"attention heads ({self.num_attention_heads})")
         for field, lo, hi in (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 0.0, 1e15)):
             value = getattr(self, field)
             if not _is_number(value) or not lo < value < hi:

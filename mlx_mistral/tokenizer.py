@@ -74,8 +74,8 @@ class Tokenizer:
 
         try:
             return cls(MistralTokenizer.from_file(str(path)))
-        except (OSError, ValueError, KeyError) as e:
-            raise MistralError(f"cannot read tokenizer {path}: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a damaged or foreign file
+            raise MistralError(f"cannot read tokenizer {path}: {_first_line(e)}") from e
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         return self.tekken.encode(text, bos=bos, eos=eos)
