@@ -29,6 +29,9 @@ PARAMS_TO_HF = {
     "rope_theta": "rope_theta",
 }
 HF_TO_PARAMS = {hf: k for k, hf in PARAMS_TO_HF.items()}
+# fields with a default that HF configs may set to null
+OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                   "max_position_embeddings", "model_type")
 
 # field -> (least, most). The upper bounds are far beyond any released model (Mistral Large 2:
 # 12288 wide, 88 layers, 28672 FFN) yet small enough that the shape table stays short and no
@@ -182,6 +185,9 @@ class ModelArgs:
             if config.get(key) is not None and not isinstance(config[key], dict):
                 raise ConfigError(key, f"must be an object or null, not {_shown(config[key])}")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        for key in OPTIONAL_FIELDS:  # HF writes null for "unset": the default applies
+            if key in config and config[key] is None:
+                del config[key]
         if "rope_theta" not in config and "rope_theta" in rope:
             config["rope_theta"] = rope["rope_theta"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -189,8 +195,6 @@ class ModelArgs:
             raise MistralError(f"unsupported RoPE scaling {rope_type!r}: only plain RoPE is implemented")
         if config.get("sliding_window"):
             raise MistralError("sliding-window attention is not supported (Mistral Small 3 has none)")
-        if config.get("head_dim") is None:
-            config.pop("head_dim", None)
         fields = set(inspect.signature(cls).parameters)
         missing = {"hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"} - set(config)
         if missing:
