@@ -345,8 +345,8 @@ def test_every_catchable_signal_removes_the_partial_folder(tiny_folder, tmp_path
     assert partials(tmp_path) == [] and not out.exists()
 
 
-def test_sigterm_removes_the_partial_folder(tiny_folder, tmp_path):
-    """The default run's sample of the signal matrix above (the rest is marked slow)."""
+@pytest.mark.slow
+def test_sigterm_removes_the_partial_folder_and_exits_143(tiny_folder, tmp_path):
     import signal
 
     out = tmp_path / "out"
@@ -354,6 +354,33 @@ def test_sigterm_removes_the_partial_folder(tiny_folder, tmp_path):
     assert partials(tmp_path) == [] and not out.exists()
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_termination_signal_in_process_removes_the_partial_folder(tiny_folder, tmp_path, name):
+    """The default run's sample of the subprocess matrix above: the signal arrives mid-write."""
+    import signal
+
+    from mlx_mistral.convert.pipeline import convert
+
+    class SignalMidway:
+        def start(self, tensors, nbytes):
+            pass
+
+        def advance(self, nbytes):
+            assert len(partials(tmp_path)) == 1
+            os.kill(os.getpid(), getattr(signal, name))
+
+        def tensor_done(self, name):
+            pass
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        convert(tiny_folder, tmp_path / "out", progress=SignalMidway())
+    assert e.value.code == 128 + getattr(signal, name)
+    assert partials(tmp_path) == [] and not (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handlers come back
+
+
+@pytest.mark.slow
 def test_a_killed_conversion_is_cleaned_by_the_next_run(tiny_folder, tmp_path):
     import signal
 
