@@ -366,6 +366,7 @@ def cuda_translation_unit() -> str:
     return "\n".join(unit + ["}  // namespace mlx::core::cu"])
 
 
+@pytest.mark.slow  # a 20 s nvcc subprocess
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA compiler (nvcc)")
 def test_cuda_kernels_compile_with_nvcc(tmp_path):
     """No GPU needed to compile to PTX: catches any syntax or type error in the CUDA twin."""
