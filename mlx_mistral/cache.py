@@ -62,7 +62,14 @@ class KVSettings:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "KVSettings":
-        return cls(int(meta["kv_bits"]) or None, int(meta["kv_group_size"]), int(meta["max_kv_size"]) or None)
+        """The settings `as_metadata` wrote, checked: a missing or malformed value is a MistralError."""
+        values = []
+        for key in ("kv_bits", "kv_group_size", "max_kv_size"):
+            text = meta.get(key)
+            if not isinstance(text, str) or not text.isdigit():
+                raise MistralError(f"{key} must be a whole number, not {text!r}")
+            values.append(int(text))
+        return cls(values[0] or None, values[1], values[2] or None).check()
 
 
 def make_cache(model, *, kv_bits: Optional[int] = None, kv_group_size: int = 64,

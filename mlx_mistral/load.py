@@ -14,7 +14,7 @@ from .config import ModelArgs
 from .kernels.dispatch import compute_dtype
 from .errors import MistralError, first_line
 from .model import Model
-from .tokenizer import load_tokenizer
+from .tokenizer import check_tokenizer, load_tokenizer
 
 # What a hub download fetches: an MLX/HF folder's config, weights and tokenizer, nothing else.
 HUB_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json",
@@ -85,12 +85,17 @@ def _is_mlx_config(repo: str, files: list[str]) -> bool:
 
 
 def read_config(folder: Path) -> dict:
+    """A folder's config.json, checked field by field (`ModelArgs.from_dict`) before anything
+    is sized from it: a bad value is one MistralError naming the file and the field."""
+    path = Path(folder) / "config.json"
     try:
-        return json.loads((folder / "config.json").read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise MistralError(f"{folder} has no config.json") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MistralError(f"cannot read {folder / 'config.json'}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MistralError(f"cannot read {path}: {first_line(e)}") from e
+    ModelArgs.from_dict(config, source=str(path))
+    return config
 
 
 def config_only(path_or_hub_id: str | Path) -> tuple[dict, Optional[int]]:
@@ -157,7 +162,7 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
     """The model of a local folder. `dtype` overrides the compute dtype policy; `fuse=False`
     keeps q/k/v and gate/up as separate matrices (the layout mlx-lm runs)."""
     folder = Path(path)
-    args = ModelArgs.from_dict(read_config(folder))
+    args = ModelArgs.from_dict(read_config(folder), source=str(folder / "config.json"))
     model = Model(args)
     weights = model.sanitize(load_weights(folder))
     if args.quantization:
@@ -195,4 +200,5 @@ def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: 
     memory.check_fits(p, memory.machine_budget(), name=str(path_or_hub_id))
     memory.raise_wired_limit()
     tokenizer = load_tokenizer(folder)
+    check_tokenizer(tokenizer, p.args.vocab_size, folder)
     return load_model(folder, dtype=dtype, lazy=lazy, fuse=fuse), tokenizer
