@@ -9,7 +9,7 @@ graph producing `x` is evaluated, the C kernel runs at once, and its result come
 (small) MLX array: ~15 us of Python and two thread hand-offs per call. That is why a quantized
 model on the CPU runs its whole forward pass in one native call instead (`cpu_model.py`); the
 functions here serve the dispatcher when that decoder does not run (quantized or rotating KV
-caches, models it does not cover, `Model.native = False`).
+caches, models it does not cover, `backend_for(model, native=False)`).
 """
 
 from __future__ import annotations
