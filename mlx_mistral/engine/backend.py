@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from ..cache import KVSettings, layer_caches
 from ..kernels import dispatch
+from ..model import Model
 
 NATIVE_ENV = "MLX_MISTRAL_NATIVE_DECODER"  # "0": never the native decoder in this process
 
@@ -28,6 +29,8 @@ def native_refusal(model) -> Optional[str]:
         return f"{NATIVE_ENV}=0"
     if dispatch.cpu_kernels() is None:
         return "the native CPU kernels are not available"
+    if not isinstance(model, Model):  # the decoder reads Model's own layout of weights
+        return f"{type(model).__name__} is not an mlx-mistral Model"
     from ..kernels.cpu_model import NativeDecoder
 
     return NativeDecoder.supports(model)
@@ -92,12 +95,15 @@ class Backend:
 
     def make_cache(self, settings: KVSettings = KVSettings()) -> list:
         """One sequence's per-layer caches: the native decoder's own kind where it runs and the
-        settings are plain (full precision, growing), else `cache.layer_caches`'s kinds."""
-        if self.sync().decoder is not None and settings.kv_bits is None and settings.max_kv_size is None:
+        settings are plain (full precision, growing), else `cache.layer_caches`'s kinds (plain
+        ones from the model's own `make_cache`, as mlx-lm asks a model for them)."""
+        if settings.kv_bits is not None or settings.max_kv_size is not None:
+            return layer_caches(self.model, settings)
+        if self.sync().decoder is not None:
             from ..kernels.cpu_model import NativeKVCache
 
             return [NativeKVCache() for _ in self.model.layers]
-        return layer_caches(self.model, settings)
+        return self.model.make_cache()
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         """One sequence: tokens (1, T) -> logits (1, T, vocab), appending T positions to cache."""
