@@ -118,6 +118,8 @@ class Backend:
         Native caches go through one native call, the others through the MLX path."""
         if len(tokens) != len(caches):
             raise ValueError(f"{len(tokens)} tokens but {len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):  # two rows would write one position
+            raise ValueError("a sequence's cache appears twice in one batch")
         tokens = [int(t) for t in tokens]
         if not tokens:
             return mx.zeros((0, self.model.args.vocab_size), mx.float32)
