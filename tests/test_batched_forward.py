@@ -130,6 +130,9 @@ def test_decode_wants_one_cache_per_token(tiny_q4):
     runner = backend_for(tiny_q4)
     with pytest.raises(ValueError, match="2 tokens but 1 caches"):
         runner.decode([5, 6], [runner.make_cache()])
+    cache = runner.make_cache()
+    with pytest.raises(ValueError, match="appears twice"):
+        runner.decode([5, 6], [cache, cache])
     assert runner.decode([], []).shape == (0, tiny_q4.args.vocab_size)
 
 

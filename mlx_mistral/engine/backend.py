@@ -13,10 +13,10 @@ import os
 from typing import Optional, Sequence
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from ..cache import KVSettings, layer_caches
 from ..kernels import dispatch
+from ..model import Model
 
 NATIVE_ENV = "MLX_MISTRAL_NATIVE_DECODER"  # "0": never the native decoder in this process
 
@@ -29,6 +29,8 @@ def native_refusal(model) -> Optional[str]:
         return f"{NATIVE_ENV}=0"
     if dispatch.cpu_kernels() is None:
         return "the native CPU kernels are not available"
+    if not isinstance(model, Model):  # the decoder reads Model's own layout of weights
+        return f"{type(model).__name__} is not an mlx-mistral Model"
     from ..kernels.cpu_model import NativeDecoder
 
     return NativeDecoder.supports(model)
@@ -39,10 +41,21 @@ def _switches() -> tuple:
     return dispatch.backend(), os.environ.get(NATIVE_ENV)
 
 
-def _weights(model) -> tuple:
+def _weights(model) -> list:
     """Which arrays the model holds now: load_weights, set_dtype, quantize and fuse all replace
-    them (a native decoder points into the old ones, so it must be rebuilt)."""
-    return tuple((k, id(v)) for k, v in tree_flatten(model.parameters()))
+    them (a native decoder points into the old ones, so it must be rebuilt). A direct walk of
+    the module tree: `model.parameters()` costs ~10x more on a 30-layer model."""
+    out: list = []
+    stack = [model]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, mx.array):
+            out.append((id(node), node.dtype))
+        elif isinstance(node, dict):  # nn.Module is a dict of its arrays, modules and lists
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return out
 
 
 class Backend:
@@ -70,7 +83,7 @@ class Backend:
     def sync(self) -> "Backend":
         """Rebuild if stale: a stale decoder would run the old weights (it pins them, so it never
         reads freed memory). Checked by `backend_for` and `make_cache`, once per request: the
-        check walks every parameter (~0.4 ms), too slow for every decode step."""
+        check walks every array of the model, too slow for every decode step."""
         if self.stale():
             self._build()
         return self
@@ -82,12 +95,15 @@ class Backend:
 
     def make_cache(self, settings: KVSettings = KVSettings()) -> list:
         """One sequence's per-layer caches: the native decoder's own kind where it runs and the
-        settings are plain (full precision, growing), else `cache.layer_caches`'s kinds."""
-        if self.sync().decoder is not None and settings.kv_bits is None and settings.max_kv_size is None:
+        settings are plain (full precision, growing), else `cache.layer_caches`'s kinds (plain
+        ones from the model's own `make_cache`, as mlx-lm asks a model for them)."""
+        if settings.kv_bits is not None or settings.max_kv_size is not None:
+            return layer_caches(self.model, settings)
+        if self.sync().decoder is not None:
             from ..kernels.cpu_model import NativeKVCache
 
             return [NativeKVCache() for _ in self.model.layers]
-        return layer_caches(self.model, settings)
+        return self.model.make_cache()
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         """One sequence: tokens (1, T) -> logits (1, T, vocab), appending T positions to cache."""
@@ -102,6 +118,8 @@ class Backend:
         Native caches go through one native call, the others through the MLX path."""
         if len(tokens) != len(caches):
             raise ValueError(f"{len(tokens)} tokens but {len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):  # two rows would write one position
+            raise ValueError("a sequence's cache appears twice in one batch")
         tokens = [int(t) for t in tokens]
         if not tokens:
             return mx.zeros((0, self.model.args.vocab_size), mx.float32)
