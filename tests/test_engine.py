@@ -225,3 +225,25 @@ def test_bench_runs_through_the_engine(quirk):
     ours = [t for t, _ in engine_generate_step(prompt, model, max_tokens=8)]
     assert len(ours) == 8
     assert ours == [t for t, _ in generate_step(prompt, model, max_tokens=8)]
+
+
+def test_a_reply_that_breaks_fails_alone(quirk):
+    model, tok, backend = quirk
+
+    def broken(history, logits):
+        if history.size > 14:
+            raise RuntimeError("processor broke")
+        return logits
+
+    good = Request(prompt_ids(tok, 8, seed=50), max_tokens=10, ignore_eos=True)
+    bad = Request(prompt_ids(tok, 12, seed=51), max_tokens=10, ignore_eos=True, logits_processors=(broken,))
+    alone = run(model, tok, backend, [good], max_batch=1)[0]
+    engine = Engine(model, tok, max_batch=2, backend=backend)
+    streams = [engine.submit(good), engine.submit(bad)]
+    while engine.busy:
+        engine.step()
+    assert tokens(streams[0].events) == tokens(alone)
+    assert streams[1].events[-1].finish_reason == "error" and "processor broke" in str(streams[1].error)
+    engine = Engine(model, tok, backend=backend)
+    with pytest.raises(RuntimeError, match="processor broke"):  # the Python API raises it
+        list(engine.responses(engine.submit(bad)))

@@ -196,11 +196,17 @@ class Engine:
                 sampled[i] = picks[j]
         for i, seq in enumerate(rows):
             if sampled[i] is None:
-                sampled[i], logprobs[i] = seq.sample(logits[i : i + 1])
-        tokens = mx.stack([t.reshape(()) for t in sampled])
-        mx.eval(tokens, *[lp for lp in logprobs if lp is not None])
-        for seq, token, lp in zip(rows, tokens.tolist(), logprobs):
-            seq.accept(token, lp)
+                try:
+                    sampled[i], logprobs[i] = seq.sample(logits[i : i + 1])
+                except Exception as e:  # noqa: BLE001  (one reply's grammar or processor: it alone fails)
+                    seq.fail(e)
+        live = [i for i, seq in enumerate(rows) if not seq.finished]
+        if not live:
+            return
+        tokens = mx.stack([sampled[i].reshape(()) for i in live])
+        mx.eval(tokens, *[logprobs[i] for i in live if logprobs[i] is not None])
+        for i, token in zip(live, tokens.tolist()):
+            rows[i].accept(token, logprobs[i])
 
     def _retire(self) -> None:
         done = [s for s in self.active if s.finished]
@@ -222,21 +228,14 @@ class Engine:
             while True:
                 while stream.events:
                     yield stream.events.popleft()
+                if stream.error is not None:
+                    raise stream.error
                 if stream.done:
                     return
                 self.step()
         finally:
             if not stream.done:
                 stream.cancel()
-                self.step()
-
-    def run(self, stop: threading.Event) -> None:
-        """The worker loop of a server: step while there is work, sleep while there is none."""
-        while not stop.is_set():
-            with self.wake:
-                while not self.busy and not stop.is_set():
-                    self.wake.wait(0.5)
-            if not stop.is_set():
                 self.step()
 
     def reset(self) -> None:

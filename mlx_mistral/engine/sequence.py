@@ -26,7 +26,7 @@ class Response:
 
     text: str  # new text since the previous response (may be empty)
     token: Optional[int]  # the id this response adds, None for the final flush
-    finish_reason: Optional[str]  # "stop", "length", "cancelled" or None while generating
+    finish_reason: Optional[str]  # "stop", "length", "cancelled", "error" or None while generating
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -187,6 +187,11 @@ class Sequence:
             self.finish("stop", flush=False)
         elif len(self.generated) >= self.max_tokens:
             self.finish("length")
+
+    def fail(self, error: BaseException) -> None:
+        """This reply broke (its grammar, a logits processor): it ends alone, the batch goes on."""
+        self.stream.error = error
+        self.finish("error", flush=False)
 
     def finish(self, reason: str, flush: bool = True) -> None:
         """The last response: what the detokenizer and the stop matcher still held."""

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..engine import DEFAULT_MAX_BATCH, Engine, Request, Response, Stream
+from ..errors import first_line
 from .metrics import Metrics
 
 log = logging.getLogger("mlx_mistral.server")
@@ -148,6 +149,10 @@ class Worker:
             self.metrics.cached_tokens.inc(r.cached_tokens)
         if r.finish_reason == "cancelled":
             self.metrics.cancelled.inc()
+            return
+        if r.finish_reason == "error":
+            log.error("generation failed: %s", first_line(job.stream.error))
+            job.emit(Failed(f"generation failed: {first_line(job.stream.error)}"))
             return
         job.emit(r)  # the text the detokenizer and the stop matcher held back
         if r.generation_tokens > 1:
