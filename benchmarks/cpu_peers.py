@@ -35,7 +35,7 @@ from mlx_mistral.generate import generate_step  # noqa: E402
 from mlx_mistral.kernels import cpu  # noqa: E402
 from mlx_mistral.load import load_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+RESULTS = Path(__file__).resolve().parent / "results" / os.environ.get("MLX_MISTRAL_RESULTS_DEVICE", "cpu")
 PROMPT_TEXT = ("Explain, step by step and with examples, how a transformer language model turns a prompt "
                "into an answer: tokenization, embeddings, attention, the feed-forward layers, sampling. ") * 8
 
@@ -263,6 +263,8 @@ def main() -> None:
           f"{report['per_op_native_calls_per_decode_token']} native calls per token, each costing (us): "
           + ", ".join(f"{k} {v:.1f}" for k, v in report["call_cost_us"].items()))
     name = "cpu_peers" if args.threads == 2 else f"cpu_peers_{args.threads}thread"
+    if cpu._library()[0].mm_int8():  # the int8-activation GEMV ran: keep the fp32 run's files
+        name += "_int8"
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / f"{name}.png")
     print(json.dumps(report["results"], indent=2))

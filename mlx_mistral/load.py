@@ -9,6 +9,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from .config import ModelArgs
 from .kernels.dispatch import compute_dtype
@@ -157,6 +158,18 @@ def quantize_like_folder(model: Model, quantization: dict, weights: dict) -> Non
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Floating parameters to `dtype`, except quantization scales and biases: every kernel reads
+    them in their stored 16-bit dtype (bf16 scales are exact), and a float32 copy would cost the
+    24B shape 1.3 GB of memory and ~9% more bytes per token. Packed weights stay uint32."""
+    def cast(path: str, v: mx.array) -> mx.array:
+        if path.endswith((".scales", ".biases")) or not mx.issubdtype(v.dtype, mx.floating):
+            return v
+        return v.astype(dtype)
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
 def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
                fuse: bool = True) -> Model:
     """The model of a local folder. `dtype` overrides the compute dtype policy; `fuse=False`
@@ -174,7 +187,7 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
     del weights  # the model holds them now; fusing replaces them, and nothing else may keep them
     dtype = dtype or compute_dtype()
     if dtype is not None:
-        model.set_dtype(dtype)  # floating parameters only; packed 4-bit weights stay uint32
+        cast_floats(model, dtype)
     if fuse:
         model.fuse()
     if not lazy:

@@ -120,3 +120,9 @@ def test_compare_against_mlx_lm_writes_json_markdown_plot(tiny_q4_dir, tmp_path)
         assert data["runtimes"]["mlx-mistral"]["compute_dtype"] == "float32"  # the CPU dtype policy
     assert "ratio" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_test_measures_and_is_the_cpu_peak_source():
+    assert bench.read_test_gbps(megabytes=8, repeats=1) > 0
+    if bench.backend() == "cpu" and bench.apple_bandwidth_gbps(bench.chip_name()) is None:
+        assert bench.peak_bandwidth().source.startswith("measured read test")

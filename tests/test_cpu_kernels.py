@@ -35,6 +35,16 @@ def rel_err(got: mx.array, want: mx.array) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+@pytest.fixture(autouse=True)
+def float_activations():
+    """The fp32-activation kernels (the 1e-5 parity below); the int8 ones are tested on their own."""
+    lib = cpu._library()[0]
+    before = lib.mm_int8()
+    lib.mm_use_int8(0)
+    yield lib
+    lib.mm_use_int8(before)
+
+
 def test_library_builds_and_loads():
     assert cpu.available(), cpu.describe()
     assert "native CPU kernels" in cpu.describe()
@@ -168,3 +178,75 @@ def test_smollm2_4bit_logits_and_greedy_tokens_match_mlx(smollm2_dir, monkeypatc
     assert np.abs(got_logits - want_logits).max() / np.abs(want_logits).max() < 1e-4
     assert (got_logits.argmax(-1) == want_logits.argmax(-1)).all()
     assert got_tokens == want_tokens
+
+
+# ---- the int8-activation GEMV (cpu_q8.h): exact on the rounded x, bounded against MLX ----------
+
+def rounded_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x rounded as the kernel does (int8 per block of 32: q = rint(x * 127/max|x|), step max|x|/127,
+    in fp32), and each element's step."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    step = (amax / np.float32(127)).astype(np.float32)
+    return (np.rint(blocks * inv) * step).reshape(x.shape), np.broadcast_to(step, blocks.shape).reshape(x.shape)
+
+
+@pytest.fixture
+def int8_activations(float_activations):
+    if cpu._library()[0].mm_simd() < 2:
+        pytest.skip("no AVX2 on this machine")
+    float_activations.mm_use_int8(1)
+    assert "int8 activations" in cpu.describe()
+    yield
+    float_activations.mm_use_int8(0)
+
+
+@pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 32])
+def test_int8_gemv_is_exact_on_rounded_x_and_bounded_against_mlx(int8_activations, scale_dtype, group_size, M):
+    """The bound: y~ = dequant(W) . round8(x) to fp32 accuracy, so |y~ - y| <= sum_k |W_nk| step_k / 2."""
+    for n, k in [(97, 640), (1, 128), (33, 4096), (17, 192)]:
+        k = max(group_size, 64, k // max(group_size, 64) * max(group_size, 64))
+        w, s, b = quantized(n, k, group_size, 4, dtype=scale_dtype, seed=n)
+        x = mx.random.normal((M, k), key=mx.random.key(k))
+        got = np.array(cpu.quantized_matmul(x, w, s, b, group_size=group_size, bits=4))
+        dense = np.array(mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=4))
+        xr, step = rounded_x(np.array(x))
+        assert scaled_err_np(got, xr @ dense.T) < 1e-5, (n, k)
+        want = np.array(reference(x, w, s, b, group_size, 4))
+        bound = 0.5 * (step @ np.abs(dense).T)  # (M, n)
+        assert (np.abs(got - want) <= bound + 1e-5 * np.abs(want).max()).all(), (n, k)
+        assert scaled_err_np(got, want) < 3e-2, (n, k)  # the bound's size on normal data
+
+
+def scaled_err_np(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_int8_gemv_skips_what_it_does_not_cover(int8_activations):
+    """8-bit weights, K not a multiple of 64, and M above the multi-row limit keep the fp32 kernels."""
+    for bits, k, M in [(8, 256, 1), (4, 32 * 5, 1), (4, 256, 33)]:
+        w, s, b = quantized(40, k, 32, bits)
+        x = mx.random.normal((M, k), key=mx.random.key(1))
+        got = cpu.quantized_matmul(x, w, s, b, group_size=32, bits=bits)
+        assert rel_err(got, reference(x, w, s, b, 32, bits)) < 1e-5, (bits, k, M)
+
+
+def test_int8_gemv_multi_matrix_call_matches_single_calls(int8_activations):
+    """mm_qmm_multi (q/k/v, gate/up in one job) shares the rounded x between its matrices."""
+    import ctypes
+
+    lib = cpu._library()[0]
+    K, Ns = 640, [512, 128, 128]
+    mats = [cpu.Packed(*quantized(n, K, 64, 4, dtype=mx.bfloat16, seed=n + i), 64, 4) for i, n in enumerate(Ns)]
+    x = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
+    ys = [np.empty((3, n), np.float32) for n in Ns]
+    ptrs = lambda vals: (ctypes.c_void_p * 3)(*vals)  # noqa: E731
+    rc = lib.mm_qmm_multi(x.ctypes.data, 3, K, 3, ptrs([m.w for m in mats]), ptrs([m.scales for m in mats]),
+                          ptrs([m.biases for m in mats]), (ctypes.c_int64 * 3)(*Ns), mats[0].dtype, 64, 4,
+                          (ctypes.c_void_p * 3)(*[y.ctypes.data for y in ys]))
+    assert rc == 0
+    for m, y in zip(mats, ys):
+        assert np.array_equal(y, np.array(m(mx.array(x))))

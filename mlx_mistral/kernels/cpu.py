@@ -107,6 +107,8 @@ def describe() -> str:
     if lib is None:
         return f"MLX's own quantized matmul (native CPU kernels unavailable: {how})"
     simd = {2: "AVX2/FMA", 3: "AVX-512/AVX2/FMA"}.get(lib.mm_simd(), "portable C")
+    if lib.mm_int8():
+        simd += ", 4-bit GEMV on int8 activations"
     return f"native CPU kernels ({simd}, {lib.mm_threads()} threads, {how})"
 
 

@@ -266,6 +266,8 @@ AVX2 static void gemv_small_avx2(const float* x, const float* xsum, int mr, int6
     }
 }
 
+#include "cpu_q8.h"
+
 /* ---- AVX-512 4-bit GEMV ------------------------------------------------------------------ *
  * Two rows per pass in one 512-bit register: lanes 0-7 hold 8 words of row n, lanes 8-15 the
  * same words of row n + 1. Word i of a 64-element block holds elements 8i .. 8i + 7, so after a
@@ -312,7 +314,7 @@ AVX512 static inline __m512 block_scales(const void* sc, int dt, int gs, int64_t
                                scale_at(sc, r2 * G + g, dt), scale_at(sc, r2 * G + g + 1, dt));
         return _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(v));
     }
-    int64_t g = 64 * b / gs;
+    int64_t g = gs == 128 ? b >> 1 : b;  /* gs is 64 or 128 here: no idiv per block */
     return _mm512_castpd_ps(_mm512_insertf64x4(
         _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(scale_at(sc, r * G + g, dt)))),
         _mm256_castps_pd(_mm256_set1_ps(scale_at(sc, r2 * G + g, dt))), 1));
@@ -409,6 +411,14 @@ static deq_fn k_deq = deq_row_c;
 static dot_fn k_dot = dot_c;
 static int g_simd = 0;
 static int g_avx512 = 0;  /* the AVX-512 4-bit GEMV for one input row (K a multiple of 64) */
+static int g_int8 = 0;  /* the AVX2 4-bit GEMV on int8 activations (cpu_q8.h) before the float ones */
+
+/* int8 activations by default only where there is no AVX-512 float GEMV; MLX_MISTRAL_INT8=0/1 forces */
+static int int8_default(void) {
+    const char* env = getenv("MLX_MISTRAL_INT8");
+    if (env && *env) return env[0] == '1';
+    return g_simd == 2 && !g_avx512;
+}
 
 static void pick_kernels(void) {
     static int done = 0;
@@ -422,6 +432,7 @@ static void pick_kernels(void) {
         k_dot = dot_avx2;
         g_simd = 2;
         g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+        g_int8 = int8_default();
     }
 #endif
 }
@@ -444,10 +455,24 @@ void mm_use_portable(int on) {
     if (!on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         k_gemv = gemv_avx2, k_deq = deq_row_avx2, k_dot = dot_avx2, g_simd = 2;
         g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+        g_int8 = int8_default();
+    } else {
+        g_int8 = 0;
     }
 #else
     (void)on;
 #endif
+}
+
+/* 1: the int8-activation GEMV (AVX2) for 4-bit weights up to wide_max_rows inputs; 0: the float ones */
+void mm_use_int8(int on) {
+    pick_kernels();
+    g_int8 = on && g_simd == 2;
+}
+
+int mm_int8(void) {
+    pick_kernels();
+    return g_int8;
 }
 
 const char* mm_source_hash(void) { return MM_SOURCE_HASH; }
@@ -466,13 +491,18 @@ void mm_set_gemm_min_rows(int m) { g_gemm_min_rows = m; }
 void mm_set_wide_max_rows(int m) { g_wide_max_rows = m; }
 
 /* how mm_qmm computes M rows: */
-enum { P_GEMV, P_WIDE, P_SMALL, P_ROWS, P_GEMM };
+enum { P_GEMV, P_Q8, P_WIDE, P_SMALL, P_ROWS, P_GEMM };
+
+static int q8_ok(int64_t M, int64_t K, int bits) {
+    return g_int8 && bits == 4 && K % 64 == 0 && M <= g_wide_max_rows;
+}
 
 static int wide_ok(int64_t M, int64_t K, int bits) {
     return g_avx512 && bits == 4 && K % 64 == 0 && M <= (M == 1 ? 1 : g_wide_max_rows);
 }
 
 static int pick_path(int64_t M, int64_t K, int bits) {
+    if (q8_ok(M, K, bits)) return P_Q8;
     if (M == 1) return P_GEMV;
     if (wide_ok(M, K, bits)) return P_WIDE;
     int few = M < g_gemm_min_rows || !g_sgemm;
@@ -485,6 +515,8 @@ typedef struct qmm_args {
     const float* x;
     const float* xsum;  /* (M, K/gs) group sums of x, for the factored GEMV */
     const float* xp;  /* x_strided(x) for the AVX-512 GEMV, or NULL */
+    const int8_t* xq;  /* x as int8 for the int8-activation GEMV, with its steps xd, or NULL */
+    const float* xd;
     int64_t M, K, N;
     const uint32_t* w;
     const void *sc, *bi;
@@ -521,6 +553,23 @@ static float* strided_for(const float* x, int64_t M, int64_t K, int bits) {
     }
 #endif
     (void)x, (void)M, (void)K, (void)bits;
+    return NULL;
+}
+
+/* x as int8 in chunk order (xq, M * K) and its block steps (*xd, M * K / 8) when the int8 GEMV runs;
+ * xsum (M, K/gs) then holds the group sums of the rounded x */
+static int8_t* quantized_for(const float* x, int64_t M, int64_t K, int gs, int bits, float** xd, float* xsum) {
+    *xd = NULL;
+#ifdef MM_X86
+    if (q8_ok(M, K, bits)) {
+        int8_t* xq = malloc((size_t)(M * K));
+        *xd = malloc((size_t)(M * K / 8) * sizeof(float));
+        for (int64_t m = 0; m < M; m++)
+            q8_quantize_row(x + m * K, K, gs, xq + m * K, *xd + m * (K / 8), xsum + m * (K / gs));
+        return xq;
+    }
+#endif
+    (void)x, (void)M, (void)K, (void)gs, (void)bits, (void)xsum;
     return NULL;
 }
 
@@ -561,6 +610,19 @@ static void wide_chunk(const void* p, int64_t i) {
         gemv4_avx512(a->xp + m0 * a->K, a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt, a->gs, n0,
                      chunk_end(n0, a->N), a->y + m0 * a->N, a->N);
     }
+}
+
+/* 1 .. wide_max_rows inputs on int8 activations, blocks of up to 8 inputs */
+static void q8_chunk(const void* p, int64_t i) {
+    const qmm_args* a = p;
+    int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
+    float* sb = malloc((size_t)((CHUNK_ROWS + 1) * G) * sizeof(float));
+    for (int64_t m0 = 0; m0 < a->M; m0 += 8) {
+        int mr = a->M - m0 < 8 ? (int)(a->M - m0) : 8;
+        gemv4_q8(a->xq + m0 * a->K, a->xd + m0 * (a->K / 8), a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt,
+                 a->gs, n0, chunk_end(n0, a->N), a->y + m0 * a->N, a->N, sb);
+    }
+    free(sb);
 }
 
 /* a few inputs (2 .. gemm_min_rows): the factored GEMV over blocks of up to 4 inputs */
@@ -612,6 +674,7 @@ static void qmm_gemm(const qmm_args* a) {
 static chunk_fn row_fn(int path) {
 #ifdef MM_X86
     if (path == P_WIDE) return wide_chunk;
+    if (path == P_Q8) return q8_chunk;
     if (path == P_SMALL) return small_chunk;
 #endif
     (void)path;
@@ -625,14 +688,19 @@ int mm_qmm(const float* x, int64_t M, int64_t K, const uint32_t* w, const void* 
         K % group_size != 0 || dtype < DT_F32 || dtype > DT_BF16)
         return -1;
     pick_kernels();
-    qmm_args a = {x, NULL, NULL, M, K, N, w, scales, biases, dtype, group_size, bits, y, NULL, 0, NULL, 0, NULL};
+    qmm_args a = {x, NULL, NULL, NULL, NULL, M, K, N, w, scales, biases, dtype, group_size, bits, y, NULL, 0, NULL, 0, NULL};
     int path = pick_path(M, K, bits);
-    if (path == P_GEMV || path == P_WIDE || path == P_SMALL) {
+    if (path == P_GEMV || path == P_Q8 || path == P_WIDE || path == P_SMALL) {
+        float* xd;
         a.xsum = group_sums(x, M, K, group_size);
-        a.xp = strided_for(x, M, K, bits);
+        a.xp = path == P_Q8 ? NULL : strided_for(x, M, K, bits);
+        a.xq = quantized_for(x, M, K, group_size, bits, &xd, (float*)a.xsum);
+        a.xd = xd;
         run_job(row_fn(path), &a, chunks(N), N * K * bits / 8);
         free((void*)a.xsum);
         free((void*)a.xp);
+        free((void*)a.xq);
+        free(xd);
     } else if (path == P_ROWS) {
         run_job(rows_chunk, &a, chunks(N), N * K * bits / 8);
     } else {
@@ -657,7 +725,7 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
                  int bits, float* const* ys) {
     pick_kernels();
     int path = pick_path(M, K, bits);
-    if (count < 1 || count > 16 || !(path == P_GEMV || path == P_WIDE || path == P_SMALL)) {
+    if (count < 1 || count > 16 || !(path == P_GEMV || path == P_Q8 || path == P_WIDE || path == P_SMALL)) {
         for (int i = 0; i < count; i++) {
             int rc = mm_qmm(x, M, K, ws[i], scs[i], bis[i], dtype, Ns[i], group_size, bits, ys[i]);
             if (rc != 0) return rc;
@@ -668,12 +736,14 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
         K % group_size != 0 || dtype < DT_F32 || dtype > DT_BF16)
         return -1;
     float* xsum = group_sums(x, M, K, group_size);
-    float* xp = strided_for(x, M, K, bits);
+    float* xp = path == P_Q8 ? NULL : strided_for(x, M, K, bits);
+    float* xd;
+    int8_t* xq = quantized_for(x, M, K, group_size, bits, &xd, xsum);
     qmm_args group[16];
     int64_t total = 0, bytes = 0;
     for (int i = 0; i < count; i++) {
         bytes += Ns[i] * K * bits / 8;
-        qmm_args a = {x, xsum, xp, M, K, Ns[i], ws[i], scs[i], bis[i], dtype, group_size, bits, ys[i], NULL, 0, NULL, 0, NULL};
+        qmm_args a = {x, xsum, xp, xq, xd, M, K, Ns[i], ws[i], scs[i], bis[i], dtype, group_size, bits, ys[i], NULL, 0, NULL, 0, NULL};
         group[i] = a;
         total += chunks(Ns[i]);
     }
@@ -683,6 +753,8 @@ int mm_qmm_multi(const float* x, int64_t M, int64_t K, int count, const uint32_t
     run_job(group_chunk, &all, total, bytes);
     free(xsum);
     free(xp);
+    free(xq);
+    free(xd);
     return 0;
 }
 

@@ -184,7 +184,9 @@ def dequantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.ar
         block = w[start:end]
         if outs:  # one dense block alive at a time: dequantize after the previous matmul
             block = mx.depends(block, outs[-1])
-        dense = mx.dequantize(block, scales[start:end], biases[start:end], group_size=group_size, bits=bits)
+        # scales in x's dtype: 16-bit scales would round the dense block to 16 bits
+        dense = mx.dequantize(block, scales[start:end].astype(x.dtype), biases[start:end].astype(x.dtype),
+                              group_size=group_size, bits=bits)
         outs.append(x @ dense.astype(x.dtype).T)  # (..., end - start)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
