@@ -75,3 +75,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if REAL_WEIGHT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def float_activations():
+    """The native kernels on float activations: on CPUs without AVX-512 they default to int8
+    activations (kernels/cpu_q8.h, within ~1% of MLX), and the parity tests that use this compare
+    at float tolerances."""
+    from mlx_mistral.kernels import cpu
+
+    lib = cpu._library()[0]
+    if lib is None:
+        yield None
+        return
+    before = lib.mm_int8()
+    lib.mm_use_int8(0)
+    yield lib
+    lib.mm_use_int8(before)

@@ -16,6 +16,8 @@ from mlx_mistral.kernels import _build, dispatch
 from mlx_mistral.kernels.cpu_model import NativeKVCache
 from mlx_mistral.load import load_model
 
+pytestmark = pytest.mark.usefixtures("float_activations")  # parity at float tolerances
+
 native_only = pytest.mark.skipif(_build.compiler() is None or dispatch.backend() != "cpu",
                                  reason="the native decoder needs MLX's CPU backend and a C compiler")
 LENGTHS = (3, 17, 40)  # the sequences' prompt lengths: the batch's rows hold different lengths

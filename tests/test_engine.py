@@ -13,6 +13,8 @@ from mlx_mistral.engine.backend import backend_for
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("float_activations")  # parity at float tolerances
+
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {

@@ -17,7 +17,8 @@ from mlx_mistral.engine.backend import NATIVE_ENV, backend_for
 from mlx_mistral.generate import generate_step
 from mlx_mistral.kernels import _build, cpu, cpu_model
 
-pytestmark = pytest.mark.skipif(_build.compiler() is None, reason="no C compiler to build the native kernels")
+pytestmark = [pytest.mark.skipif(_build.compiler() is None, reason="no C compiler to build the native kernels"),
+              pytest.mark.usefixtures("float_activations")]
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
           411, 407, 19712, 8182, 2, 198, 1, 520, 9531, 198]  # a SmolLM2 chat prompt, 25 ids

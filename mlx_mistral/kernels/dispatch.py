@@ -55,12 +55,14 @@ def compute_dtype(model=None) -> Optional[mx.Dtype]:
     Without a model, the loading policy: float32 on MLX's CPU backend (its quantized matmul is
     ~10x faster in float32 than in bfloat16), None on GPUs (keep the checkpoint's
     float16/bfloat16). With a model: the dtype of its floating parameters, which its forward
-    computes in."""
+    computes in (quantization scales and biases keep their stored 16-bit dtype on every backend,
+    so they do not count)."""
     if model is None:
         return mx.float32 if backend() == "cpu" else None
     from mlx.utils import tree_flatten
 
-    return next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)), None)
+    return next((v.dtype for k, v in tree_flatten(model.parameters())
+                 if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))), None)
 
 
 @functools.cache
