@@ -60,7 +60,7 @@ def small_folder() -> Path:
 
 
 def smollm2_folder() -> Path:
-    from mlx_mistral.convert import convert
+    from mlx_lm import convert  # the same folder benchmarks/cpu_peers.py uses
 
     out = fixtures.CACHE / "smollm2-mlx-q4g64"
     if not (out / "config.json").exists():
@@ -231,8 +231,8 @@ def main() -> None:
         report["results"][model] = {rt: measure(rt, folder, levels, args.rounds, args.max_tokens)
                                     for rt in args.runtimes.split(",")}
         report["targets"][model] = targets(report["results"][model].get("mlx-mistral", []))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))  # after each model: a later failure keeps it
     plot(report, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(table(report) + "\n")
     print(table(report))
