@@ -39,10 +39,11 @@ class ReplyAssembler:
         return self._collect(self.calls.feed(token, text))
 
     def finish(self, finish_reason: str) -> tuple[list[dict], str]:
-        """(closing deltas, finish reason): "tool_calls" when the reply made calls; a call list
-        that did not parse (possible only unconstrained, or cut short) comes out as content."""
+        """(closing deltas, finish reason): "tool_calls" when the reply made its calls; a call
+        list that did not parse (possible only unconstrained) comes out as content; one cut
+        short keeps its complete calls and the engine's reason ("length")."""
         deltas = self._collect(self.calls.finish())
-        return deltas, "tool_calls" if self.calls.calls else finish_reason
+        return deltas, "tool_calls" if self.calls.calls and not self.calls.cut else finish_reason
 
     def message(self) -> dict:
         """The whole reply (after `finish`) as {"role", "content", "tool_calls"?}."""
