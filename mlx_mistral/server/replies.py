@@ -53,6 +53,56 @@ class ReplyAssembler:
         return {"role": "assistant", "content": content.strip() or None, "tool_calls": self.calls.calls}
 
 
+class Logprobs:
+    """The log-probabilities of a reply's tokens, gathered from its pieces, in OpenAI's shapes."""
+
+    def __init__(self, tokenizer, wanted: bool):
+        self.tokenizer, self.wanted = tokenizer, wanted
+        self.entries: list[dict] = []
+        self.taken = 0  # entries already sent in a stream chunk
+
+    def _token(self, token: int) -> dict:
+        piece = token_bytes(self.tokenizer, token)
+        return {"token": piece.decode("utf-8", errors="replace"), "bytes": list(piece)}
+
+    def add(self, piece: Piece) -> None:
+        if self.wanted and piece.token is not None and piece.logprob is not None:
+            top = [dict(self._token(t), logprob=lp) for t, lp in piece.top_logprobs or []]
+            self.entries.append(dict(self._token(piece.token), logprob=piece.logprob, top_logprobs=top))
+
+    def chat(self, new_only: bool = False) -> Optional[dict]:
+        """{"content": [...]} (the entries not yet sent, when streaming), or None if not asked."""
+        if not self.wanted:
+            return None
+        start, self.taken = (self.taken if new_only else 0), len(self.entries)
+        return {"content": self.entries[start:]}
+
+    def completion(self, offset: int = 0, new_only: bool = False) -> Optional[dict]:
+        """The legacy completions shape; `offset` is where these entries' text starts."""
+        if not self.wanted:
+            return None
+        start, self.taken = (self.taken if new_only else 0), len(self.entries)
+        before = ""
+        tokens, offsets = [], []
+        for e in self.entries[start:]:
+            offsets.append(offset + len(before))
+            tokens.append(e["token"])
+            before += e["token"]
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in self.entries[start:]],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in self.entries[start:]],
+                "text_offset": offsets}
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes of one token: a Tekken piece may be part of a UTF-8 character."""
+    tekken = getattr(tokenizer, "tekken", None)
+    if tekken is None:
+        return tokenizer.decode([token]).encode()
+    from mistral_common.tokens.tokenizers.tekken import SpecialTokenPolicy
+
+    return tekken.id_to_byte_piece(token, SpecialTokenPolicy.KEEP)
+
+
 # -- response shapes ------------------------------------------------------------------------------
 
 class Meta:
@@ -90,14 +140,18 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def chat_chunks(events, meta: Meta, reply: ReplyAssembler, include_usage: bool) -> AsyncIterator[dict]:
+async def chat_chunks(events, meta: Meta, reply: ReplyAssembler, include_usage: bool,
+                      logprobs: Logprobs) -> AsyncIterator[dict]:
     def chunk(delta: dict, finish_reason: Optional[str] = None) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        # a chunk carries the logprobs of the tokens since the one before it
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                  "logprobs": logprobs.chat(new_only=True) if delta or finish_reason else None}
         return meta.body("chat.completion.chunk", [choice], None, with_usage=include_usage)
 
     yield chunk({"role": "assistant", "content": ""})
     async for event in events:
         if isinstance(event, Piece):
+            logprobs.add(event)
             for delta in reply.feed(event.text, event.token):
                 yield chunk(delta)
         elif isinstance(event, Finished):
@@ -111,12 +165,22 @@ async def chat_chunks(events, meta: Meta, reply: ReplyAssembler, include_usage: 
             yield OpenAIError(500, event.message, type="server_error").body()
 
 
-async def completion_chunks(events, meta: Meta, include_usage: bool) -> AsyncIterator[dict]:
+async def completion_chunks(events, meta: Meta, include_usage: bool, logprobs: Logprobs,
+                            echo: str = "") -> AsyncIterator[dict]:
+    sent = [len(echo)]  # characters streamed so far: where the next chunk's tokens start
+
     def chunk(text: str, finish_reason: Optional[str] = None) -> dict:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+                  "logprobs": logprobs.completion(sent[0], new_only=True)}
+        sent[0] += len(text)
         return meta.body("text_completion", [choice], None, with_usage=include_usage)
 
+    if echo:
+        yield meta.body("text_completion", [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}],
+                        None, with_usage=include_usage)
     async for event in events:
+        if isinstance(event, Piece):
+            logprobs.add(event)
         if isinstance(event, Piece) and event.text:
             yield chunk(event.text)
         elif isinstance(event, Finished):

@@ -22,7 +22,7 @@ from ..tools import validate_request
 from .auth import authorize
 from .errors import OpenAIError
 from .metrics import CONTENT_TYPE
-from .replies import Meta, ReplyAssembler, chat_chunks, client_gone, completion_chunks, sse, usage
+from .replies import Logprobs, Meta, ReplyAssembler, chat_chunks, client_gone, completion_chunks, sse, usage
 from .schemas import ChatRequest, CompletionRequest, SamplingRequest
 from .worker import Failed, Finished, Job
 
@@ -43,7 +43,8 @@ def check_model(settings: Settings, name: Optional[str]) -> None:
                           f"'{settings.model_id}'.", param="model", code="model_not_found")
 
 
-def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, prompt_param: str) -> dict:
+def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, prompt_param: str,
+                      vocab_size: int) -> dict:
     """stream_generate keyword arguments; refuses prompts the context cannot hold."""
     ctx = settings.context_length
     if n_prompt >= ctx:
@@ -58,8 +59,13 @@ def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, 
                           f"{n_prompt} tokens and max_tokens asks for {max_tokens} more.",
                           param="max_tokens", code="context_length_exceeded")
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
+    if bias and not all(0 <= k < vocab_size for k in bias):
+        raise OpenAIError(400, f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias")
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, stop=body.stop,
-                seed=None if body.seed is None else body.seed % SEED_MODULUS)
+                seed=None if body.seed is None else body.seed % SEED_MODULUS,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                logit_bias=bias, logprobs=body.logprobs_k)
 
 
 async def run(request: Request, ids: list[int], params: dict) -> AsyncIterator[object]:
@@ -143,19 +149,21 @@ async def chat_completions(body: ChatRequest, request: Request):
         await asyncio.to_thread(check_request, tokenizer, limits=settings.limits, **constraint)
     except MistralError as e:
         raise OpenAIError(400, str(e)) from None
-    params = generation_params(settings, body, len(ids), "messages") | constraint | {"limits": settings.limits}
+    params = generation_params(settings, body, len(ids), "messages", tokenizer.vocab_size) | constraint | {"limits": settings.limits}
     meta = Meta("chatcmpl", settings.model_id)
     events = run(request, ids, params)
+    logprobs = Logprobs(tokenizer, body.logprobs)
     if body.stream:
-        return sse(chat_chunks(events, meta, ReplyAssembler(tokenizer), body.include_usage))
+        return sse(chat_chunks(events, meta, ReplyAssembler(tokenizer), body.include_usage, logprobs))
     reply = ReplyAssembler(tokenizer)
     async for event in events:
         if isinstance(event, Piece):
+            logprobs.add(event)
             reply.feed(event.text, event.token)
         elif isinstance(event, Finished):
             _, finish_reason = reply.finish(event.finish_reason)
             choice = {"index": 0, "message": reply.message(), "finish_reason": finish_reason,
-                      "logprobs": None}
+                      "logprobs": logprobs.chat()}
             return meta.body("chat.completion", [choice], usage(event))
         elif isinstance(event, Failed):
             raise OpenAIError(500, event.message, type="server_error")
@@ -174,17 +182,24 @@ async def completions(body: CompletionRequest, request: Request):
             raise OpenAIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
     if not ids:
         raise OpenAIError(400, "the prompt is empty", param="prompt")
-    params = generation_params(settings, body, len(ids), "prompt")
+    if body.echo and body.logprobs is not None:
+        raise OpenAIError(400, "echo together with logprobs is not supported (prompt logprobs are not "
+                          "computed)", param="echo")
+    params = generation_params(settings, body, len(ids), "prompt", tokenizer.vocab_size)
+    echo = (body.prompt if isinstance(body.prompt, str) else tokenizer.decode(ids)) if body.echo else ""
     meta = Meta("cmpl", settings.model_id)
     events = run(request, ids, params)
+    logprobs = Logprobs(tokenizer, body.logprobs is not None)
     if body.stream:
-        return sse(completion_chunks(events, meta, body.include_usage))
-    text = []
+        return sse(completion_chunks(events, meta, body.include_usage, logprobs, echo))
+    text = [echo]
     async for event in events:
         if isinstance(event, Piece):
+            logprobs.add(event)
             text.append(event.text)
         elif isinstance(event, Finished):
-            choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason,
+                      "logprobs": logprobs.completion(len(echo))}
             return meta.body("text_completion", [choice], usage(event))
         elif isinstance(event, Failed):
             raise OpenAIError(500, event.message, type="server_error")
