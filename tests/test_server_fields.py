@@ -136,3 +136,18 @@ def test_a_cut_call_is_the_same_streamed_and_whole(live, seed):
     assert content == (whole["message"]["content"] or "")
     assert [c["function"] for c in calls] == [c["function"] for c in whole["message"].get("tool_calls", [])]
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+def test_serve_takes_the_value_bounds_as_options(monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_mistral.cli.serving import serve
+
+    seen = {}
+    monkeypatch.setattr("mlx_mistral.server.serve", lambda model, **kw: seen.update(kw))
+    r = CliRunner().invoke(serve, ["-m", "x", "--limit-string", "9", "--limit-items", "2", "--limit-digits", "3",
+                                   "--limit-calls", "1"])
+    assert r.exit_code == 0, r.output
+    limits = seen["limits"]
+    assert (limits.max_string, limits.max_items, limits.max_abs_number, limits.max_calls) == (9, 2, 1000, 1)
+    assert CliRunner().invoke(serve, ["-m", "x", "--limit-string", "0"]).exit_code == 2
