@@ -23,6 +23,8 @@ from ..engine import DEFAULT_MAX_BATCH
 from ..errors import MistralError
 from .errors import install_error_handlers
 from .metrics import CountRequests, Metrics
+from .responses import ConversationStore
+from .responses import router as responses_router
 from .routes import guarded, router
 from .worker import Worker
 
@@ -73,6 +75,8 @@ def create_app(model, tokenizer, *, model_id: str = "mlx-mistral", aliases: set[
     install_error_handlers(app)
     app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(router)
+    app.state.responses = ConversationStore()
+    app.include_router(responses_router)
     if ui:
         from ..webui import install_page
 

@@ -130,8 +130,8 @@ async def get_model(name: str, request: Request):
     return model_card(settings)
 
 
-@router.post("/v1/chat/completions", dependencies=guarded)
-async def chat_completions(body: ChatRequest, request: Request):
+async def prepare_chat(body: ChatRequest, request: Request) -> tuple[list[int], dict]:
+    """(prompt ids, generation keywords) of a chat request, or the 400 that refuses it."""
     settings, tokenizer = request.app.state.settings, request.app.state.tokenizer
     check_model(settings, body.model)
     messages = [m.to_openai() for m in body.messages]
@@ -149,7 +149,14 @@ async def chat_completions(body: ChatRequest, request: Request):
         await asyncio.to_thread(check_request, tokenizer, limits=settings.limits, **constraint)
     except MistralError as e:
         raise OpenAIError(400, str(e)) from None
-    params = generation_params(settings, body, len(ids), "messages", tokenizer.vocab_size) | constraint | {"limits": settings.limits}
+    params = generation_params(settings, body, len(ids), "messages", tokenizer.vocab_size)
+    return ids, params | constraint | {"limits": settings.limits}
+
+
+@router.post("/v1/chat/completions", dependencies=guarded)
+async def chat_completions(body: ChatRequest, request: Request):
+    settings, tokenizer = request.app.state.settings, request.app.state.tokenizer
+    ids, params = await prepare_chat(body, request)
     meta = Meta("chatcmpl", settings.model_id)
     events = run(request, ids, params)
     logprobs = Logprobs(tokenizer, body.logprobs)
