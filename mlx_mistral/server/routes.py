@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Optional
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from ..budget import fit_to_budget
 from ..constrain import check_request
 from ..errors import MistralError
 from ..generate import Response as Piece
@@ -150,6 +151,11 @@ async def prepare_chat(body: ChatRequest, request: Request) -> tuple[list[int], 
     except MistralError as e:
         raise OpenAIError(400, str(e)) from None
     params = generation_params(settings, body, len(ids), "messages", tokenizer.vocab_size)
+    try:  # a forced call the budget cannot hold: also refused before any stream chunk
+        await asyncio.to_thread(fit_to_budget, tokenizer, constraint["tools"], constraint["tool_choice"],
+                                settings.limits, params["max_tokens"])
+    except MistralError as e:
+        raise OpenAIError(400, str(e), param="max_tokens") from None
     return ids, params | constraint | {"limits": settings.limits}
 
 
