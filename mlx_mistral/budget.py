@@ -61,8 +61,8 @@ def minimal_call_tokens(tokenizer, tool: dict) -> int:
 
 
 def _max_bytes(schema: Any, root: dict, depth: int = 6) -> int:
-    """An upper bound on the bytes of any value a bounded schema (constrain.bound_schema)
-    admits; a token is at least one byte, so it bounds the tokens too."""
+    """About the most tokens any value a bounded schema (constrain.bound_schema) admits can take:
+    its JSON text at a token per character, two for a string's character (an escape)."""
     if not isinstance(schema, dict) or depth <= 0:
         return 10**9  # unbounded or too deep to say: never fits
     if "const" in schema or "enum" in schema:
@@ -85,7 +85,7 @@ def _max_bytes(schema: Any, root: dict, depth: int = 6) -> int:
     if "array" in kinds:
         sizes.append(2 + schema.get("maxItems", 10**6) * (2 + _max_bytes(schema.get("items", {}), root, depth - 1)))
     if "string" in kinds:
-        sizes.append(2 + 6 * schema.get("maxLength", 10**6))  # a character is at most a 6-byte escape
+        sizes.append(2 + 2 * schema.get("maxLength", 10**6))  # a character, or a short escape
     if kinds & {"integer", "number"}:
         digits = max(len(str(int(abs(schema.get(k, 0))))) for k in ("minimum", "maximum"))
         sizes.append(2 + digits + 1 + 20)  # sign, point and at most 20 fraction digits
@@ -94,12 +94,13 @@ def _max_bytes(schema: Any, root: dict, depth: int = 6) -> int:
     return max(sizes) if sizes else 10**9
 
 
-def max_call_tokens(tool: dict, limits: Limits) -> int:
+def max_call_tokens(tokenizer, tool: dict, limits: Limits) -> int:
     """An upper bound on the tokens of one call of `tool` under `limits` (its own text and the
-    separator before the next call)."""
+    separator before the next call): the call's fixed text as the tokenizer writes it, its
+    arguments at a token per character."""
     fn = tool["function"]
     params = bound_schema(fn.get("parameters") or {"type": "object", "properties": {}}, limits)
-    head = len(json.dumps({"name": fn["name"], "arguments": {}, "id": "a" * 9}).encode())
+    head = len(tokenizer.encode(json.dumps({"name": fn["name"], "arguments": {}, "id": "a" * 9}), bos=False))
     return head + 2 + _max_bytes(params, params)
 
 
@@ -115,9 +116,10 @@ def fit_to_budget(tokenizer, tools: Optional[list[dict]], tool_choice: ToolChoic
     arrays and fewer offered calls as the budget shrinks. A budget that cannot hold one minimal
     call of a tool that may be chosen is a MistralError. Other requests keep `limits`.
 
-    The sizing takes the worst a sampler can do under the grammar (every optional key, every
-    bound reached, a token per byte), so a random model finishes too. A schema whose own bounds
-    exceed the budget can still be cut; the server then drops the unfinished call."""
+    The sizing takes nearly the worst a sampler can do under the grammar (every optional key,
+    every bound reached, a token per character of the arguments), so even a random model
+    finishes; it trusts the tokenizer's own spelling of the call's fixed text. A schema whose own
+    bounds exceed the budget can still be cut; the server then drops the unfinished call."""
     named = tool_choice_name(tool_choice)
     if not tools or not (named is not None or tool_choice in ("required", "any")):
         return limits
@@ -131,7 +133,7 @@ def fit_to_budget(tokenizer, tools: Optional[list[dict]], tool_choice: ToolChoic
                            f"the shortest needs about {need} tokens")
     room = max_tokens - 4  # [TOOL_CALLS], the list's brackets, EOS
     for _ in range(24):  # each round halves the bounds; 24 reach the floor of every one
-        worst = max(max_call_tokens(t, limits) for t in chosen)
+        worst = max(max_call_tokens(tokenizer, t, limits) for t in chosen)
         if worst <= room or limits == _shrunk(limits):
             break
         limits = _shrunk(limits)

@@ -41,7 +41,7 @@ def test_bounds_shrink_with_the_budget(tekken):
 def worst_case_budget(tok, tool) -> int:
     """The smallest max_tokens whose fitted limits hold the worst call of `tool`."""
     floor = fit_to_budget(tok, [tool], "required", Limits(), minimal_call_tokens(tok, tool))
-    return max_call_tokens(tool, floor) + 4
+    return max_call_tokens(tok, tool, floor) + 4
 
 
 @pytest.mark.parametrize("seed", range(6))

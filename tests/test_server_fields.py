@@ -151,3 +151,20 @@ def test_serve_takes_the_value_bounds_as_options(monkeypatch):
     limits = seen["limits"]
     assert (limits.max_string, limits.max_items, limits.max_abs_number, limits.max_calls) == (9, 2, 1000, 1)
     assert CliRunner().invoke(serve, ["-m", "x", "--limit-string", "0"]).exit_code == 2
+
+
+def test_n_replies_are_one_batch(live):
+    r = live.client().chat.completions.create(model=MODEL, messages=user("Hi"), max_tokens=4, n=3,
+                                              temperature=1.0, seed=1, logprobs=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    stream = live.client().chat.completions.create(model=MODEL, messages=user("Hi"), max_tokens=4, n=2,
+                                                   stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finished == [0, 1] and chunks[-1].usage.completion_tokens > 0
+    cmpl = post(live, "completions", prompt="x", max_tokens=3, n=2, temperature=0).json()
+    assert [c["index"] for c in cmpl["choices"]] == [0, 1]
+    assert cmpl["choices"][0]["text"] == cmpl["choices"][1]["text"]  # greedy: the same reply twice
+    r = post(live, "chat/completions", messages=user("Hi"), n=64)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 from fastapi.responses import Response, StreamingResponse
 
@@ -120,10 +120,13 @@ class Meta:
         return out
 
 
-def usage(done: Finished) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+def usage(done: Union[Finished, list[Finished]]) -> dict:
+    """One request's usage; with n replies, the prompt counts once and the completions add up."""
+    done = done if isinstance(done, list) else [done]
+    completion = sum(d.completion_tokens for d in done)
+    return {"prompt_tokens": done[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": done[0].prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": done[0].cached_tokens}}
 
 
 def client_gone() -> Response:
@@ -140,52 +143,59 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def chat_chunks(events, meta: Meta, reply: ReplyAssembler, include_usage: bool,
-                      logprobs: Logprobs) -> AsyncIterator[dict]:
-    def chunk(delta: dict, finish_reason: Optional[str] = None) -> dict:
+async def chat_chunks(events, meta: Meta, replies: list[ReplyAssembler], include_usage: bool,
+                      logprobs: list[Logprobs]) -> AsyncIterator[dict]:
+    """Chunks of n replies; each chunk's choice carries its reply's index."""
+    def chunk(i: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
         # a chunk carries the logprobs of the tokens since the one before it
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
-                  "logprobs": logprobs.chat(new_only=True) if delta or finish_reason else None}
+        choice = {"index": i, "delta": delta, "finish_reason": finish_reason,
+                  "logprobs": logprobs[i].chat(new_only=True) if delta or finish_reason else None}
         return meta.body("chat.completion.chunk", [choice], None, with_usage=include_usage)
 
-    yield chunk({"role": "assistant", "content": ""})
+    for i in range(len(replies)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    done: list[Finished] = []
     async for event in events:
         if isinstance(event, Piece):
-            logprobs.add(event)
-            for delta in reply.feed(event.text, event.token):
-                yield chunk(delta)
+            logprobs[event.index].add(event)
+            for delta in replies[event.index].feed(event.text, event.token):
+                yield chunk(event.index, delta)
         elif isinstance(event, Finished):
-            deltas, finish_reason = reply.finish(event.finish_reason)
+            deltas, finish_reason = replies[event.index].finish(event.finish_reason)
             for delta in deltas:
-                yield chunk(delta)
-            yield chunk({}, finish_reason)
-            if include_usage:
-                yield meta.body("chat.completion.chunk", [], usage(event))
+                yield chunk(event.index, delta)
+            yield chunk(event.index, {}, finish_reason)
+            done.append(event)
+            if include_usage and len(done) == len(replies):
+                yield meta.body("chat.completion.chunk", [], usage(done))
         elif isinstance(event, Failed):
             yield OpenAIError(500, event.message, type="server_error").body()
 
 
-async def completion_chunks(events, meta: Meta, include_usage: bool, logprobs: Logprobs,
+async def completion_chunks(events, meta: Meta, include_usage: bool, logprobs: list[Logprobs],
                             echo: str = "") -> AsyncIterator[dict]:
-    sent = [len(echo)]  # characters streamed so far: where the next chunk's tokens start
+    """Chunks of n replies; each chunk's choice carries its reply's index."""
+    sent = [len(echo)] * len(logprobs)  # characters streamed per reply: where its next tokens start
 
-    def chunk(text: str, finish_reason: Optional[str] = None) -> dict:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason,
-                  "logprobs": logprobs.completion(sent[0], new_only=True)}
-        sent[0] += len(text)
+    def chunk(i: int, text: str, finish_reason: Optional[str] = None) -> dict:
+        choice = {"index": i, "text": text, "finish_reason": finish_reason,
+                  "logprobs": logprobs[i].completion(sent[i], new_only=True)}
+        sent[i] += len(text)
         return meta.body("text_completion", [choice], None, with_usage=include_usage)
 
-    if echo:
-        yield meta.body("text_completion", [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}],
+    for i in range(len(logprobs) if echo else 0):
+        yield meta.body("text_completion", [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}],
                         None, with_usage=include_usage)
+    done: list[Finished] = []
     async for event in events:
         if isinstance(event, Piece):
-            logprobs.add(event)
+            logprobs[event.index].add(event)
         if isinstance(event, Piece) and event.text:
-            yield chunk(event.text)
+            yield chunk(event.index, event.text)
         elif isinstance(event, Finished):
-            yield chunk("", event.finish_reason)
-            if include_usage:
-                yield meta.body("text_completion", [], usage(event))
+            yield chunk(event.index, "", event.finish_reason)
+            done.append(event)
+            if include_usage and len(done) == len(logprobs):
+                yield meta.body("text_completion", [], usage(done))
         elif isinstance(event, Failed):
             yield OpenAIError(500, event.message, type="server_error").body()

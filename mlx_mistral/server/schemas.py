@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Mistral's tool and schema names; the chat format rejects anything else.
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_STOPS = 4  # as OpenAI
+MAX_N = 64  # the most a server's batch can be (serve --max-batch); the engine checks its own
 
 
 def check_json_schema(schema: dict) -> dict:
@@ -128,7 +129,7 @@ class SamplingRequest(_Model):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Replies to generate, together in one batch.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
