@@ -14,6 +14,17 @@ from .constrain import Limits, ToolChoice, bound_schema, tool_choice_name
 from .errors import MistralError
 
 
+def _referenced(schema: dict, root: dict) -> Optional[Any]:
+    """The schema a local "$ref" points to, or None when there is none."""
+    ref = schema.get("$ref")
+    if not (isinstance(ref, str) and ref.startswith("#/")):
+        return None
+    target: Any = root
+    for part in ref[2:].split("/"):
+        target = target.get(part, {}) if isinstance(target, dict) else {}
+    return target
+
+
 def minimal_value(schema: Any, root: Optional[dict] = None, depth: int = 8) -> Any:
     """The shortest JSON value a schema admits, near enough to size a token budget: required
     keys only, minimal strings and arrays (a pattern is not read)."""
@@ -24,11 +35,8 @@ def minimal_value(schema: Any, root: Optional[dict] = None, depth: int = 8) -> A
         return schema["const"]
     if schema.get("enum"):
         return min(schema["enum"], key=lambda v: len(json.dumps(v)))
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, dict) else {}
+    target = _referenced(schema, root)
+    if target is not None:
         return minimal_value(target, root, depth - 1)
     for key in ("anyOf", "oneOf"):
         if isinstance(schema.get(key), list) and schema[key]:
@@ -67,11 +75,8 @@ def _max_bytes(schema: Any, root: dict, depth: int = 6) -> int:
         return 10**9  # unbounded or too deep to say: never fits
     if "const" in schema or "enum" in schema:
         return max(len(json.dumps(v).encode()) for v in schema.get("enum", [schema.get("const")]))
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, dict) else {}
+    target = _referenced(schema, root)
+    if target is not None:
         return _max_bytes(target, root, depth - 1)
     sizes = [_max_bytes(s, root, depth - 1) for key in ("anyOf", "oneOf") for s in schema.get(key) or []]
     types = schema.get("type")
