@@ -90,10 +90,11 @@ def bound_schema(schema: Any, limits: Limits, depth: Optional[int] = None) -> An
     types = out.get("type")
     types = set(types) if isinstance(types, list) else {types}
     # keywords only act on values of their own type, so adding all that apply is safe
+    # never below the schema's own minimum: a tight limit must not make a schema unsatisfiable
     if "string" in types:
-        out.setdefault("maxLength", limits.max_string)
+        out.setdefault("maxLength", max(limits.max_string, out.get("minLength", 0)))
     if "array" in types:
-        out.setdefault("maxItems", limits.max_items)
+        out.setdefault("maxItems", max(limits.max_items, out.get("minItems", 0)))
     if types & {"number", "integer"}:
         if "minimum" not in out and "exclusiveMinimum" not in out:
             out["minimum"] = -limits.max_abs_number
@@ -125,7 +126,7 @@ def tool_names(tools: Optional[list[dict]]) -> list[str]:
     return [t["function"]["name"] for t in tools or []]
 
 
-def _tool_choice_name(tool_choice: ToolChoice) -> Optional[str]:
+def tool_choice_name(tool_choice: ToolChoice) -> Optional[str]:
     """The function a choice names, or None for the modes auto/none/required."""
     if isinstance(tool_choice, dict):
         try:
@@ -193,25 +194,25 @@ def plan(tools: Optional[list[dict]], tool_choice: ToolChoice = "auto",
          parallel_tool_calls: bool = True) -> Plan:
     """Turn an OpenAI-style request's tool choice and response format into a `Plan`."""
     tools = list(tools or [])
-    named = _tool_choice_name(tool_choice)
+    named = tool_choice_name(tool_choice)
     names = tool_names(tools)
     if named is not None and named not in names:
         raise MistralError(f"tool_choice names {named!r}, which is not among the tools {names}")
     mode = "required" if named is not None or tool_choice == "any" else (tool_choice or "auto")
     if mode == "required" and not tools:
         raise MistralError('tool_choice "required" needs at least one tool')
-    schema = response_schema(response_format, limits)
-    if schema is not None and mode == "required":
-        raise MistralError('a JSON response_format works with tool_choice "auto" or "none", not a forced call')
     chosen = [t for t in tools if named is None or t["function"]["name"] == named]
-    json_start = f"start: {_json_rule(schema)}" if schema is not None else None
+    if mode == "required":
+        # a forced call wins its turn: the response_format governs the content replies only
+        # (agents send one on every turn); a named choice is exactly one call of that function
+        calls = calls_grammar(chosen, limits, parallel_tool_calls and named is None)
+        return Plan(grammar="start: calls\n" + calls)
+    schema = response_schema(response_format, limits)
     if mode == "none" or not tools:
         if schema is None:
             return Plan(banned=(TOOL_CALLS_ID,) if mode == "none" and tools else ())
-        return Plan(grammar=json_start)
+        return Plan(grammar=f"start: {_json_rule(schema)}")
     calls = calls_grammar(chosen, limits, parallel_tool_calls)
-    if mode == "required":
-        return Plan(grammar="start: calls\n" + calls)
     if schema is None:  # auto: free text until the model starts a call
         return Plan(grammar="start: calls\n" + calls, wait_for=TOOL_CALLS_ID)
     return Plan(grammar=f"start: calls | json_reply\njson_reply: {_json_rule(schema)}\n" + calls)

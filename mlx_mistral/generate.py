@@ -10,6 +10,7 @@ from typing import Any, Generator, Optional, Union
 
 import mlx.core as mx
 
+from .budget import fit_to_budget
 from .cache import ConversationCache, KVSettings
 from .constrain import Limits, ToolChoice
 from .engine import Constraint, Engine, Request, Response, Speculation
@@ -60,7 +61,9 @@ def build_request(tokenizer, prompt: Prompt, *, max_tokens: int = 256, temperatu
         validate_request([], tools)
     sampling_more = {k: more.pop(k) for k in ("presence_penalty", "frequency_penalty", "logit_bias") if k in more}
     sampling = SamplingParams(temperature, top_p, top_k, min_p, seed, repetition_penalty, **sampling_more)
-    constraint = Constraint(tools, tool_choice, response_format, parallel_tool_calls, limits or Limits())
+    # a forced call is sized to finish within max_tokens (or refused when it cannot)
+    limits = fit_to_budget(tokenizer, tools, tool_choice, limits or Limits(), max_tokens)
+    constraint = Constraint(tools, tool_choice, response_format, parallel_tool_calls, limits)
     return Request(tuple(encode_prompt(tokenizer, prompt, system=system, tools=tools)), max_tokens, sampling,
                    stop or (), ignore_eos, constraint, tuple(logits_processors or ()),
                    KVSettings(kv_bits, kv_group_size, max_kv_size), Speculation(speculate, num_draft, draft_model),
@@ -163,7 +166,7 @@ def stream_chat_completion(model, tokenizer, messages: list[dict],
         steps.close()  # at once, also when the consumer stops early: a prompt cache records its state
     for delta in calls.finish():
         yield {"delta": delta, "finish_reason": None}
-    finish = "tool_calls" if calls.calls else last.finish_reason
+    finish = "tool_calls" if calls.calls and not calls.cut else last.finish_reason
     timing = {"prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps,
               "peak_memory_gb": last.peak_memory_gb}
     yield {"delta": {}, "finish_reason": finish, "usage": _usage(last), "timing": timing,

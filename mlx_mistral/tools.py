@@ -117,8 +117,16 @@ def parse_reply(tokens: list[int], tokenizer) -> dict:
     before = tokenizer.decode(tokens[:at])
     raw = tokenizer.decode([t for t in tokens[at + 1:] if t != TOOL_CALLS_ID])
     calls = parse_calls_text(raw)
-    if calls is None:  # malformed (unconstrained) output: the text is all there is
-        return {"role": "assistant", "content": before + raw}
+    if calls is None:
+        stream = ToolCallStream(None)  # read as a stream does: a list cut short keeps its whole calls
+        stream.in_calls = True
+        stream.feed(None, raw)
+        stream.finish()
+        if not stream.cut:  # malformed (unconstrained) output: the text is all there is
+            return {"role": "assistant", "content": before + raw}
+        if not stream.calls:
+            return {"role": "assistant", "content": before}
+        calls = stream.calls
     return {"role": "assistant", "content": before.strip() or None, "tool_calls": calls}
 
 
@@ -154,6 +162,9 @@ class ToolCallStream:
     `finish()` returns the closing deltas and fills `calls` (the complete OpenAI tool calls,
     with the ids already streamed); `failed` says the list did not parse, and then its raw
     text comes out as content (after any call deltas already sent).
+
+    A call's deltas are held until its object closes, so a reply cut short (`cut`: max_tokens or
+    a stop) streams exactly the complete calls a whole reply returns, never a half call.
     """
 
     def __init__(self, marker: Optional[int] = TOOL_CALLS_ID):
@@ -168,6 +179,9 @@ class ToolCallStream:
         self.ids: list[str] = []  # announced call ids, by index
         self.done = False
         self.failed = False
+        self.cut = False  # the list ended early (max_tokens, a stop): only its complete calls count
+        self.closed_at: list[int] = []  # where in `raw` each complete call ends
+        self.held: list[dict] = []  # deltas of calls not closed yet
         self.calls: list[dict] = []
 
     def _char(self, c: str) -> list[dict]:
@@ -269,6 +283,7 @@ class ToolCallStream:
         if call.name is None:
             raise ValueError("a call without a name")
         self.call = None
+        self.closed_at.append(len(self.raw))
         return out
 
     def feed(self, token: Optional[int], text: str) -> list[dict]:
@@ -277,42 +292,54 @@ class ToolCallStream:
             return []
         if not self.in_calls:
             return [{"content": text}] if text else []
-        out: list[dict] = []
         for c in text:
             self.raw += c
             if self.failed or self.done:
                 continue
             try:
-                out += self._char(c)
+                self.held += self._char(c)
             except (ValueError, json.JSONDecodeError):
                 self.failed = True
+        return self._release(len(self.closed_at))
+
+    def _release(self, closed: int) -> list[dict]:
+        """The held deltas of the first `closed` calls, one delta per call."""
+        out = [d for d in self.held if d["tool_calls"][0]["index"] < closed]
+        self.held = [d for d in self.held if d["tool_calls"][0]["index"] >= closed]
         return _coalesce(out)
 
     def finish(self) -> list[dict]:
-        """The closing deltas: the raw text as content if no call could be read."""
+        """The closing deltas: the raw text as content if no call could be read. A list cut
+        short keeps its complete calls and drops the unfinished one (`cut`)."""
         if not self.in_calls:
             return []
-        calls = parse_calls_text(self.raw)
+        raw = self.raw
+        if not self.done and not self.failed:
+            self.cut = True
+            if not self.closed_at:
+                return []  # not even one call finished: no calls, and no raw call text either
+            raw = self.raw[:self.closed_at[-1]] + "]"
+            self.ids = self.ids[:len(self.closed_at)]
+        calls = parse_calls_text(raw)
         if calls is None or self.failed or len(calls) != len(self.ids):
             self.failed = True  # as in `parse_reply`, malformed calls are content
             return [{"content": self.raw}] if self.raw else []
         for call, call_id in zip(calls, self.ids):
             call["id"] = call_id  # the ids the client already saw
         self.calls = calls
-        return []
+        return self._release(len(calls))
 
 
 def _coalesce(deltas: list[dict]) -> list[dict]:
-    """Joins consecutive argument pieces of one call into one delta."""
+    """Joins the argument pieces of each call into the delta that announces it."""
     out: list[dict] = []
     for d in deltas:
-        call = d.get("tool_calls", [{}])[0]
-        prev = out[-1].get("tool_calls", [{}])[0] if out else {}
-        if (set(call) == {"index", "function"} and set(prev) == {"index", "function"}
-                and prev["index"] == call["index"]):
+        call = d["tool_calls"][0]
+        prev = out[-1]["tool_calls"][0] if out else {}
+        if set(call) == {"index", "function"} and prev.get("index") == call["index"]:
             prev["function"]["arguments"] += call["function"]["arguments"]
         else:
-            out.append(d)
+            out.append({"tool_calls": [dict(call, function=dict(call["function"]))]})
     return out
 
 

@@ -146,8 +146,12 @@ def test_plans():
     auto = plan(TOOLS, "auto")
     assert auto.wait_for == 9 and "<[9]>" in auto.grammar
     assert "json_reply" in plan(TOOLS, "auto", {"type": "json_object"}).grammar
-    with pytest.raises(MistralError):
-        plan(TOOLS, "required", {"type": "json_object"})
+    # a forced call wins its turn over a JSON response_format (agents send both)
+    forced = plan(TOOLS, "required", {"type": "json_object"})
+    assert forced.wait_for is None and "json_reply" not in forced.grammar and "<[9]>" in forced.grammar
+    named = plan(TOOLS, {"type": "function", "function": {"name": TOOLS[0]["function"]["name"]}})
+    assert '(", " call)' not in named.grammar  # a named choice is exactly one call
+    assert '(", " call)' in plan(TOOLS, "required").grammar
 
 
 def test_stream_rejects_a_bad_request_before_any_chunk(tiny):

@@ -271,10 +271,12 @@ def test_json_response_format_replies_validate(live, fmt):
 
 
 def test_an_unenforceable_request_is_refused_before_streaming(live):
+    # a forced call that max_tokens cannot hold
     body = {"model": MODEL, "messages": user("hi"), "tools": [TOOL], "tool_choice": "required", "stream": True,
-            "response_format": {"type": "json_object"}}
+            "max_tokens": 2}
     r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=WAIT_S)
-    assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "cannot hold one complete call" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "max_tokens"
 
 
 # -- bad input ----------------------------------------------------------------------------------

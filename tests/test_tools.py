@@ -129,12 +129,30 @@ def test_parse_reply_into_openai_tool_calls(tekken, name):
         assert CALL_ID.match(got["id"]) and got["id"] == want.get("id", got["id"])
 
 
+@pytest.mark.parametrize("raw, kept", [
+    ('[{"name": "get_weather", "arguments": {"city": "Par', 0),
+    ('[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "argu', 1),
+    ('', 0),
+])
+def test_a_cut_off_call_list_keeps_only_its_complete_calls(tekken, raw, kept):
+    message = parse_reply(reply_ids(tekken, "Hmm ", raw), tekken)
+    stream = ToolCallStream()
+    deltas = []
+    for t in reply_ids(tekken, "Hmm ", raw):
+        deltas += stream.feed(t, tekken.decode([t]))
+    deltas += stream.finish()
+    assert stream.cut and not stream.failed and len(stream.calls) == kept
+    content, calls = reassemble(deltas)
+    assert content == "Hmm "  # no raw call text
+    assert len(message.get("tool_calls", [])) == kept
+    assert [c["function"] for c in calls] == [c["function"] for c in message.get("tool_calls", [])]
+    assert all(json.loads(c["function"]["arguments"]) == {"city": "Paris"} for c in calls)
+
+
 @pytest.mark.parametrize("raw", [
-    '[{"name": "get_weather", "arguments": {"city": "Par',  # cut off
     '[{"name": "get_weather", "arguments": {"city": }}]',  # not JSON
     '{"arguments": {}}',  # no name
     '["get_weather"]',  # not an object
-    '',
 ])
 def test_malformed_calls_become_content(tekken, raw):
     message = parse_reply(reply_ids(tekken, "Hmm ", raw), tekken)

@@ -63,3 +63,36 @@ def test_chat_shows_calls_and_takes_results(tiny_dir, tmp_path):
     assert "tool call" in r.output and "get_weather" in r.output  # the panel
     assert "no tool call is waiting" in r.output
     assert r.output.count("tokens/s (prompt") == 2  # the call, then the reply to its result
+
+
+def test_a_cut_forced_call_is_reported_and_fails(tiny_dir, tmp_path, tiny):
+    from mlx_mistral.budget import minimal_call_tokens
+
+    long = {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string", "minLength": 60}}, "required": ["text"]}}
+    tools = tmp_path / "long.json"
+    tools.write_text(json.dumps([long]))
+    need = minimal_call_tokens(tiny[1], {"type": "function", "function": long})
+    for seed in range(3):
+        r = CliRunner().invoke(cli, [str(a) for a in (
+            "generate", "-m", tiny_dir, "-p", "Note it", "--tools", tools, "--tool-choice", "required",
+            "--temp", "1", "--seed", seed, "-n", need + 2)])
+        if r.exit_code == 0:  # the call fit: printed as tool_calls
+            assert json.loads(r.stdout)[0]["function"]["name"] == "note"
+        else:  # cut: said on stderr, no raw call text on stdout
+            assert r.exit_code == 1 and "cut" in r.stderr and '"arguments"' not in r.stdout
+
+
+
+def test_a_cut_reply_is_said_on_stderr(capsys):
+    import pytest
+
+    from mlx_mistral.cli.commands import _report_cut
+
+    _report_cut("length", "auto")  # a cut text reply: a note, and success
+    assert "cut" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _report_cut("length", "required")
+    assert e.value.code == 1 and "unfinished tool call was dropped" in capsys.readouterr().err
+    _report_cut("tool_calls", "required")
+    assert capsys.readouterr().err == ""

@@ -75,6 +75,17 @@ def _load_with_prompt_cache(model: str, prompt_cache_file: Optional[str], contex
     return m, tokenizer, load_prompt_cache_file(prompt_cache_file, m, **kv)
 
 
+def _report_cut(finish_reason: str, tool_choice) -> None:
+    """Says on stderr that the reply hit max_tokens; a forced call left unfinished is a failure."""
+    if finish_reason != "length":
+        return
+    forced = tool_choice not in (None, "auto", "none")
+    click.echo("note: the reply was cut at --max-tokens" + ("; the unfinished tool call was dropped"
+               if forced else ""), err=True)
+    if forced:
+        raise SystemExit(1)
+
+
 def _report(r, err: bool = False) -> None:
     click.echo(
         f"prompt: {r.prompt_tokens} tokens ({r.cached_tokens} cached), {r.prompt_tps:.2f} tokens/s | "
@@ -125,9 +136,10 @@ def _generate_structured(model, tokenizer, messages, structured: dict, sampling:
         delta = last["delta"]
         click.echo(delta.get("content", ""), nl=False)
         merge_call_deltas(calls, delta.get("tool_calls", []))
-    if calls and last["finish_reason"] == "tool_calls":
+    if calls:  # only complete calls stream; a cut reply keeps those it finished
         click.echo(json.dumps([calls[i] for i in sorted(calls)], indent=2, ensure_ascii=False), nl=False)
     click.echo()
+    _report_cut(last["finish_reason"], structured.get("tool_choice"))
     if verbose:
         usage, timing = last["usage"], last["timing"]
         click.echo(f"finish: {last['finish_reason']} | prompt: {usage['prompt_tokens']} tokens, "

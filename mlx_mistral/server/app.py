@@ -23,6 +23,8 @@ from ..engine import DEFAULT_MAX_BATCH
 from ..errors import MistralError
 from .errors import install_error_handlers
 from .metrics import CountRequests, Metrics
+from .responses import ConversationStore
+from .responses import router as responses_router
 from .routes import guarded, router
 from .worker import Worker
 
@@ -73,6 +75,8 @@ def create_app(model, tokenizer, *, model_id: str = "mlx-mistral", aliases: set[
     install_error_handlers(app)
     app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(router)
+    app.state.responses = ConversationStore()
+    app.include_router(responses_router)
     if ui:
         from ..webui import install_page
 
@@ -114,7 +118,7 @@ def _quiet_exit_server():
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
           default_max_tokens: Optional[int] = None, drain_timeout: float = 30.0, log_level: str = "info",
-          max_batch: int = DEFAULT_MAX_BATCH, ui: bool = True) -> None:
+          max_batch: int = DEFAULT_MAX_BATCH, ui: bool = True, limits: Optional[Limits] = None) -> None:
     """Load the model and serve it until Ctrl-C or SIGTERM; in-flight requests finish first
     (for up to `drain_timeout` seconds)."""
     import uvicorn
@@ -124,7 +128,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key
     model, tokenizer = load(model_path)
     model_id, aliases = served_name(model_path)
     app = create_app(model, tokenizer, model_id=model_id, aliases=aliases, api_key=api_key,
-                     default_max_tokens=default_max_tokens, max_batch=max_batch, ui=ui)
+                     default_max_tokens=default_max_tokens, max_batch=max_batch, ui=ui, limits=limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout)
     server = _quiet_exit_server()(config)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Optional
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from ..budget import fit_to_budget
 from ..constrain import check_request
 from ..errors import MistralError
 from ..generate import Response as Piece
@@ -22,7 +23,7 @@ from ..tools import validate_request
 from .auth import authorize
 from .errors import OpenAIError
 from .metrics import CONTENT_TYPE
-from .replies import Meta, ReplyAssembler, chat_chunks, client_gone, completion_chunks, sse, usage
+from .replies import Logprobs, Meta, ReplyAssembler, chat_chunks, client_gone, completion_chunks, sse, usage
 from .schemas import ChatRequest, CompletionRequest, SamplingRequest
 from .worker import Failed, Finished, Job
 
@@ -43,7 +44,14 @@ def check_model(settings: Settings, name: Optional[str]) -> None:
                           f"'{settings.model_id}'.", param="model", code="model_not_found")
 
 
-def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, prompt_param: str) -> dict:
+def check_n(request: Request, n: int) -> None:
+    batch = request.app.state.worker.engine.max_batch
+    if n > batch:  # n replies run as one batch
+        raise OpenAIError(400, f"n={n} is more than this server's batch of {batch} (serve --max-batch)", param="n")
+
+
+def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, prompt_param: str,
+                      vocab_size: int) -> dict:
     """stream_generate keyword arguments; refuses prompts the context cannot hold."""
     ctx = settings.context_length
     if n_prompt >= ctx:
@@ -58,8 +66,13 @@ def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, 
                           f"{n_prompt} tokens and max_tokens asks for {max_tokens} more.",
                           param="max_tokens", code="context_length_exceeded")
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
+    if bias and not all(0 <= k < vocab_size for k in bias):
+        raise OpenAIError(400, f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias")
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, stop=body.stop,
-                seed=None if body.seed is None else body.seed % SEED_MODULUS)
+                seed=None if body.seed is None else body.seed % SEED_MODULUS,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                logit_bias=bias, logprobs=body.logprobs_k, n=body.n)
 
 
 async def run(request: Request, ids: list[int], params: dict) -> AsyncIterator[object]:
@@ -79,6 +92,7 @@ async def run(request: Request, ids: list[int], params: dict) -> AsyncIterator[o
         request.app.state.worker.submit(job)
     except MistralError as e:  # checked before anything streams: a plain 400
         raise OpenAIError(400, str(e)) from None
+    replies, finished = params.get("n", 1), 0
     try:
         while True:
             try:
@@ -90,7 +104,8 @@ async def run(request: Request, ids: list[int], params: dict) -> AsyncIterator[o
             if event is None:
                 continue
             yield event
-            if isinstance(event, (Finished, Failed)):
+            finished += isinstance(event, Finished)
+            if isinstance(event, Failed) or finished == replies:
                 return
     finally:
         job.cancel()  # a no-op for a finished job; frees the worker from an abandoned one
@@ -124,8 +139,8 @@ async def get_model(name: str, request: Request):
     return model_card(settings)
 
 
-@router.post("/v1/chat/completions", dependencies=guarded)
-async def chat_completions(body: ChatRequest, request: Request):
+async def prepare_chat(body: ChatRequest, request: Request) -> tuple[list[int], dict]:
+    """(prompt ids, generation keywords) of a chat request, or the 400 that refuses it."""
     settings, tokenizer = request.app.state.settings, request.app.state.tokenizer
     check_model(settings, body.model)
     messages = [m.to_openai() for m in body.messages]
@@ -143,20 +158,39 @@ async def chat_completions(body: ChatRequest, request: Request):
         await asyncio.to_thread(check_request, tokenizer, limits=settings.limits, **constraint)
     except MistralError as e:
         raise OpenAIError(400, str(e)) from None
-    params = generation_params(settings, body, len(ids), "messages") | constraint | {"limits": settings.limits}
+    params = generation_params(settings, body, len(ids), "messages", tokenizer.vocab_size)
+    try:  # a forced call the budget cannot hold: also refused before any stream chunk
+        await asyncio.to_thread(fit_to_budget, tokenizer, constraint["tools"], constraint["tool_choice"],
+                                settings.limits, params["max_tokens"])
+    except MistralError as e:
+        raise OpenAIError(400, str(e), param="max_tokens") from None
+    return ids, params | constraint | {"limits": settings.limits}
+
+
+@router.post("/v1/chat/completions", dependencies=guarded)
+async def chat_completions(body: ChatRequest, request: Request):
+    settings, tokenizer = request.app.state.settings, request.app.state.tokenizer
+    check_n(request, body.n)
+    ids, params = await prepare_chat(body, request)
     meta = Meta("chatcmpl", settings.model_id)
     events = run(request, ids, params)
+    replies = [ReplyAssembler(tokenizer) for _ in range(body.n)]
+    logprobs = [Logprobs(tokenizer, body.logprobs) for _ in range(body.n)]
     if body.stream:
-        return sse(chat_chunks(events, meta, ReplyAssembler(tokenizer), body.include_usage))
-    reply = ReplyAssembler(tokenizer)
+        return sse(chat_chunks(events, meta, replies, body.include_usage, logprobs))
+    choices, done = [None] * body.n, []
     async for event in events:
         if isinstance(event, Piece):
-            reply.feed(event.text, event.token)
+            logprobs[event.index].add(event)
+            replies[event.index].feed(event.text, event.token)
         elif isinstance(event, Finished):
-            _, finish_reason = reply.finish(event.finish_reason)
-            choice = {"index": 0, "message": reply.message(), "finish_reason": finish_reason,
-                      "logprobs": None}
-            return meta.body("chat.completion", [choice], usage(event))
+            i = event.index
+            _, finish_reason = replies[i].finish(event.finish_reason)
+            choices[i] = {"index": i, "message": replies[i].message(), "finish_reason": finish_reason,
+                          "logprobs": logprobs[i].chat()}
+            done.append(event)
+            if len(done) == body.n:
+                return meta.body("chat.completion", choices, usage(done))
         elif isinstance(event, Failed):
             raise OpenAIError(500, event.message, type="server_error")
     return client_gone()
@@ -174,18 +208,29 @@ async def completions(body: CompletionRequest, request: Request):
             raise OpenAIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
     if not ids:
         raise OpenAIError(400, "the prompt is empty", param="prompt")
-    params = generation_params(settings, body, len(ids), "prompt")
+    if body.echo and body.logprobs is not None:
+        raise OpenAIError(400, "echo together with logprobs is not supported (prompt logprobs are not "
+                          "computed)", param="echo")
+    check_n(request, body.n)
+    params = generation_params(settings, body, len(ids), "prompt", tokenizer.vocab_size)
+    echo = (body.prompt if isinstance(body.prompt, str) else tokenizer.decode(ids)) if body.echo else ""
     meta = Meta("cmpl", settings.model_id)
     events = run(request, ids, params)
+    logprobs = [Logprobs(tokenizer, body.logprobs is not None) for _ in range(body.n)]
     if body.stream:
-        return sse(completion_chunks(events, meta, body.include_usage))
-    text = []
+        return sse(completion_chunks(events, meta, body.include_usage, logprobs, echo))
+    texts, choices, done = [[echo] for _ in range(body.n)], [None] * body.n, []
     async for event in events:
         if isinstance(event, Piece):
-            text.append(event.text)
+            logprobs[event.index].add(event)
+            texts[event.index].append(event.text)
         elif isinstance(event, Finished):
-            choice = {"index": 0, "text": "".join(text), "finish_reason": event.finish_reason, "logprobs": None}
-            return meta.body("text_completion", [choice], usage(event))
+            i = event.index
+            choices[i] = {"index": i, "text": "".join(texts[i]), "finish_reason": event.finish_reason,
+                          "logprobs": logprobs[i].completion(len(echo))}
+            done.append(event)
+            if len(done) == body.n:
+                return meta.body("text_completion", choices, usage(done))
         elif isinstance(event, Failed):
             raise OpenAIError(500, event.message, type="server_error")
     return client_gone()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Mistral's tool and schema names; the chat format rejects anything else.
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_STOPS = 4  # as OpenAI
+MAX_N = 64  # the most a server's batch can be (serve --max-batch); the engine checks its own
 
 
 def check_json_schema(schema: dict) -> dict:
@@ -128,9 +129,22 @@ class SamplingRequest(_Model):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Replies to generate, together in one batch.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], not {bias}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -148,6 +162,11 @@ class SamplingRequest(_Model):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def logprobs_k(self) -> Optional[int]:
+        """The engine's `logprobs`: None for none, k for the chosen id's plus the k most likely."""
+        return None
+
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
@@ -155,6 +174,12 @@ class ChatRequest(SamplingRequest):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+    @property
+    def logprobs_k(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _tool_choice_matches_tools(self):
@@ -190,6 +215,12 @@ class ChatRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: Union[str, list[str], list[int]] = Field(
         description="Text to continue (or one-element list of text, or token ids)")
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    @property
+    def logprobs_k(self) -> Optional[int]:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
