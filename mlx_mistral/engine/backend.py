@@ -112,6 +112,14 @@ class Backend:
             return decoder(tokens, cache)
         return self.model(tokens, cache)
 
+    def _ragged(self, ids: mx.array, caches: list) -> mx.array:
+        """(B, 1) ids, one cache list each -> (B, vocab) on the MLX path; a model without a
+        ragged forward (any mlx-lm-style `model(tokens, cache)`) runs its rows one by one."""
+        ragged = getattr(self.model, "decode_ragged", None)
+        if ragged is not None:
+            return ragged(ids, caches)[:, 0]
+        return mx.concatenate([self.model(ids[b : b + 1], caches[b])[:, -1] for b in range(ids.shape[0])])
+
     def decode(self, tokens: Sequence[int], caches: Sequence[list]) -> mx.array:
         """B sequences, one new token each: tokens[b] is sequence b's next input id, caches[b] its
         per-layer caches (any lengths). Returns logits (B, vocab); appends one position to each.
@@ -132,7 +140,7 @@ class Backend:
             order += native
         if rest:
             ids = mx.array([[tokens[b]] for b in rest], dtype=mx.int32)  # (B', 1)
-            parts.append(self.model.decode_ragged(ids, [caches[b] for b in rest])[:, 0])  # (B', vocab)
+            parts.append(self._ragged(ids, [caches[b] for b in rest]))  # (B', vocab)
             order += rest
         if len(parts) == 1:
             return parts[0]
