@@ -84,7 +84,10 @@ class Engine:
                 if stream.cancelled:
                     stream.open = 0
                     continue
-                self._start(stream, cache)
+                try:
+                    self._start(stream, cache)
+                except Exception as e:  # noqa: BLE001  (its grammar cannot be built: it alone fails)
+                    stream.error = e
 
     def _start(self, stream: Stream, given: Union[None, list, ConversationCache]) -> None:
         """The request's first reply takes a cache; its n - 1 siblings wait for its prefill."""
@@ -182,6 +185,8 @@ class Engine:
             token, logprobs = next(seq.speculative)
         except StopIteration:
             return seq.finish("length")
+        except Exception as e:  # noqa: BLE001  (its drafter, grammar or processor: it alone fails)
+            return seq.fail(e)
         seq.accept(token, logprobs)
 
     def _decode(self, rows: list[Sequence]) -> None:

@@ -129,9 +129,20 @@ class Worker:
             while stream.events:
                 self._relay(job, stream.events.popleft())
             if stream.done:
+                if stream.error is not None and job.first_at is None:  # refused when admitted
+                    self._relay_failure(job, stream.error)
+                elif job.first_at is None:  # cancelled while it waited
+                    self.metrics.queue_depth.dec()
                 with self.jobs_lock:
                     self.jobs.remove(job)
         self.metrics.running.set(len(self.engine.active))
+
+    def _relay_failure(self, job: Job, error: BaseException) -> None:
+        if job.first_at is None:
+            job.first_at = time.perf_counter()
+            self.metrics.queue_depth.dec()
+        log.error("generation failed: %s", first_line(error))
+        job.emit(Failed(f"generation failed: {first_line(error)}"))
 
     def _relay(self, job: Job, r: Response) -> None:
         if job.first_at is None:  # out of the queue: its first event, a token or its end
@@ -151,9 +162,7 @@ class Worker:
             self.metrics.cancelled.inc()
             return
         if r.finish_reason == "error":
-            log.error("generation failed: %s", first_line(job.stream.error))
-            job.emit(Failed(f"generation failed: {first_line(job.stream.error)}"))
-            return
+            return self._relay_failure(job, job.stream.error)
         job.emit(r)  # the text the detokenizer and the stop matcher held back
         if r.generation_tokens > 1:
             self.metrics.decode_tps.observe(r.generation_tps)
