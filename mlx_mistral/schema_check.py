@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from .errors import MistralError
 
+MAX_SCHEMA_NESTING = 64  # JSON containers in one schema: 30-odd levels of nested objects
 MAX_SCHEMA_VISITS = 20_000  # subschemas visited while checking one schema: beyond, too complex
 
 
@@ -73,10 +74,12 @@ class _Satisfiable:
             return isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high
 
         if t == "object":
-            props, extra = s.get("properties") or {}, s.get("additionalProperties", True)
-            required = s.get("required") or []
-            return not above(len(required), s.get("maxProperties")) and all(
-                self(props[r] if isinstance(props, dict) and r in props else extra) for r in required)
+            props, extra = s.get("properties"), s.get("additionalProperties", True)
+            props = props if isinstance(props, dict) else {}
+            required = [r for r in s.get("required", []) if isinstance(r, str)] if isinstance(
+                s.get("required"), list) else []
+            return not above(len(set(required)), s.get("maxProperties")) and all(
+                self(props.get(r, extra)) for r in required)
         if t == "array":
             prefix = s.get("prefixItems") if isinstance(s.get("prefixItems"), list) else []
             need = s.get("minItems", 0) if isinstance(s.get("minItems"), int) else 0
@@ -90,10 +93,29 @@ class _Satisfiable:
         return True
 
 
+def json_nesting(value: Any) -> int:
+    """How many containers deep `value` nests (iterative: any depth is safe to measure)."""
+    deepest, stack = 0, [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def check_nesting(schema: Any) -> None:
+    """Refuses a schema nested deeper than any compiler here recurses safely."""
+    depth = json_nesting(schema)
+    if depth > MAX_SCHEMA_NESTING:
+        raise MistralError(f"the JSON schema nests {depth} levels deep; at most {MAX_SCHEMA_NESTING} are accepted")
+
+
 def schema_problem(schema: Any) -> None:
     """Raises a one-line MistralError when no finite JSON value satisfies `schema` (false, a
     {"not": {}}, an empty enum, a required recursive $ref, bounds that cross...): such a
     constraint could only end at the length limit with output that fails it."""
+    check_nesting(schema)
     if not _Satisfiable(schema)(schema):
         raise MistralError("no JSON value satisfies this schema (an empty enum or type, a \"not\" of "
                            "everything, bounds that cross, or a required property that contains itself)")

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .options import model_option
+from .options import SEED, Finite, model_option
 
 
 @click.command()
@@ -20,10 +20,10 @@ from .options import model_option
               help="Timed trials after the warm-up.")
 @click.option("--prefill-step", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Prompt tokens per prefill chunk.")
-@click.option("--peak-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--peak-gbps", type=Finite(min=0, min_open=True), default=None,
               help="The machine's peak memory bandwidth (default: known Apple chip, else measured).")
 @click.option("--no-warmup", is_flag=True, help="Skip the short warm-up run.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, peak_gbps, no_warmup,
           seed, as_json):

@@ -11,7 +11,8 @@ import click
 from ..errors import MistralError
 from .options import (
     cache_options, kv_options, model_option, prompt_cache_option, sampling_kwargs, sampling_options,
-    speculation_kwargs, speculation_options, structured_kwargs, structured_options,
+    speculation_kwargs, speculation_options, structured_kwargs, structured_options, argument_text, decode_text,
+    read_text, Finite,
 )
 
 
@@ -29,12 +30,8 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
     """Generate a reply to one prompt, streamed to stdout (tool calls as a JSON list)."""
     from ..generate import stream_generate
 
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            raise MistralError("no prompt: pass -p TEXT or pipe text on stdin")
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise MistralError("the prompt is empty")
+    prompt, system = read_prompt(prompt), argument_text(system, "--system")
+    kw["stop"] = tuple(argument_text(s, "--stop") for s in kw["stop"])
     structured = structured_kwargs(tools, tool_choice, json_schema)
     kv = kv_options(kw)
     # bytes bound the token count from above: enough for the memory check before loading
@@ -44,9 +41,12 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
     if cached:
         cached.system = system or cached.system
         request, extra = cached.messages(prompt), dict(kv, prompt_cache=cached.conversation, tools=cached.tools)
+    messages = request if cached else ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    kw["max_tokens"] = fit_to_context(m, tokenizer, messages, structured.get("tools") or extra.get("tools"),
+                                      kw["max_tokens"])
     if structured:
-        if not cached:
-            request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        request = messages
         options = {**extra, **structured, **speculation_kwargs(kw, m, tokenizer)}
         return _generate_structured(m, tokenizer, request, options, sampling_kwargs(kw), verbose)
     last = None
@@ -61,6 +61,32 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
         if last.speculation is not None:
             click.echo(last.speculation.summary(), err=True)
         click.echo(runtime_summary(m, kv.get("kv_bits"), kv.get("max_kv_size")), err=True)
+
+
+def read_prompt(prompt: Optional[str]) -> str:
+    """The prompt from -p, or from stdin for '-' or none, as UTF-8 text; one line if it is not."""
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise MistralError("no prompt: pass -p TEXT or pipe text on stdin")
+        prompt = decode_text(sys.stdin.buffer.read(), "the prompt on stdin")
+    prompt = argument_text(prompt, "the prompt (-p)")
+    if not prompt.strip():
+        raise MistralError("the prompt is empty")
+    return prompt
+
+
+def fit_to_context(model, tokenizer, messages: list[dict], tools, max_tokens: int) -> int:
+    """max_tokens, capped where the model's context ends (said on stderr); a prompt that leaves
+    no room for a reply is refused."""
+    limit = model.args.max_position_embeddings
+    n = len(tokenizer.encode_chat(messages, tools=tools))
+    if n >= limit:
+        raise MistralError(f"the prompt is {n} tokens, but the model's context holds {limit}: no room for a reply")
+    if n + max_tokens > limit:
+        click.echo(f"note: -n {max_tokens} capped to {limit - n}: the prompt is {n} tokens and the "
+                   f"model's context holds {limit}", err=True)
+        return limit - n
+    return max_tokens
 
 
 def _load_with_prompt_cache(model: str, prompt_cache_file: Optional[str], context: int, kv: dict):
@@ -144,7 +170,7 @@ def _generate_structured(model, tokenizer, messages, structured: dict, sampling:
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Plan for this compute dtype (default: this runtime's). 16-bit plans for a GPU "
                    "(a Mac: fused attention), float32 for MLX's CPU backend.")
-@click.option("--budget-gb", type=click.FloatRange(min=0.1), default=None,
+@click.option("--budget-gb", type=Finite(min=0.1), default=None,
               help="Plan for this much memory instead of this machine's budget.")
 def info(model, context, dtype, budget_gb, **kw):
     """Memory plan from config.json alone: weights, KV per token and at --context, budget."""
@@ -167,7 +193,7 @@ def info(model, context, dtype, budget_gb, **kw):
 @click.command("cache-prompt")
 @model_option
 @click.option("--system", default=None, help="System prompt to cache.")
-@click.option("--prompt-file", type=click.File("r"), default=None,
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="A document every request starts with (its text opens the first user message).")
 @click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the cached KV.")
 @click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
@@ -179,7 +205,8 @@ def cache_prompt_command(model, system, prompt_file, kv_bits, kv_group_size, out
     from ..load import load
     from ..prompt_cache import cache_prompt
 
-    document = prompt_file.read() if prompt_file else None
+    document = read_text(prompt_file, "prompt file") if prompt_file else None
+    system = argument_text(system, "--system")
     kv = dict(kv_bits=int(kv_bits) if kv_bits else None, kv_group_size=int(kv_group_size))
     context = len((system or "").encode()) + len((document or "").encode()) + 64
     m, tokenizer = load(model, context=context, **kv)

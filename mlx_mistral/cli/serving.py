@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..engine import DEFAULT_MAX_BATCH
-from .options import model_option
+from .options import Finite, model_option
 
 
 @click.command()
@@ -19,7 +19,7 @@ from .options import model_option
 @click.option("--max-batch", type=click.IntRange(1, 64), default=DEFAULT_MAX_BATCH, show_default=True,
               help="Requests generated together in one batch; later ones wait in arrival order.")
 @click.option("--no-ui", "ui", is_flag=True, flag_value=False, default=True, help="Do not serve the chat page at /.")
-@click.option("--drain-timeout", default=30.0, show_default=True,
+@click.option("--drain-timeout", type=Finite(min=0), default=30.0, show_default=True,
               help="Seconds that in-flight requests get to finish on Ctrl-C / SIGTERM.")
 def serve(model, host, port, api_key, default_max_tokens, max_batch, ui, drain_timeout):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models."""

@@ -16,31 +16,18 @@ NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_STOPS = 4  # as OpenAI
 
 
-MAX_SCHEMA_NESTING = 64  # JSON containers in one schema: 30-odd levels of nested objects
-
-
-def json_nesting(value) -> int:
-    """How many containers deep `value` nests (iterative: any depth is safe to measure)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        deepest = max(deepest, depth if isinstance(node, (dict, list)) else depth - 1)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
-
-
 def check_json_schema(schema: dict) -> dict:
     """Raises ValueError (a 400 through pydantic) unless `schema` is a valid JSON Schema that
     is not nested too deeply to compile, and that some finite JSON value satisfies."""
     from jsonschema import SchemaError, validators
 
-    from ..constrain import schema_problem
     from ..errors import MistralError
+    from ..schema_check import check_nesting, schema_problem
 
-    depth = json_nesting(schema)
-    if depth > MAX_SCHEMA_NESTING:
-        raise ValueError(f"the JSON schema nests {depth} levels deep; at most {MAX_SCHEMA_NESTING} are accepted")
+    try:
+        check_nesting(schema)  # first: the validator below recurses once per level
+    except MistralError as e:
+        raise ValueError(str(e)) from None
     try:
         validators.validator_for(schema).check_schema(schema)
     except SchemaError as e:
