@@ -23,6 +23,7 @@ from rich.console import Console
 
 from mlx_mistral import load, stream_generate
 from mlx_mistral.cache import ConversationCache
+from mlx_mistral.kernels import dispatch
 from mlx_mistral.synth import synth
 
 CACHE_DIR = Path.home() / ".cache" / "mlx-mistral-bench"
@@ -71,8 +72,7 @@ def main(argv=None) -> None:
                       f"first token after {fresh_s:.2f} s fresh, {cached_s:.2f} s with the cache")
         messages.append({"role": "assistant", "content": tok.decode(cached_ids)})
 
-    backend = "cpu" if not (mx.metal.is_available() or mx.cuda.is_available()) else "gpu"
-    out = args.out or Path(__file__).parent / "results" / backend
+    out = args.out or Path(__file__).parent / "results" / ("cpu" if dispatch.backend() == "cpu" else "gpu")
     out.mkdir(parents=True, exist_ok=True)
     results = dict(preset=args.preset, device=f"{platform.machine()} {mx.default_device()}", mlx=mx.__version__,
                    words_per_turn=args.words, rows=rows)

@@ -31,6 +31,7 @@ from mlx_mistral.bench import (BenchConfig, Trial, device_info, device_slug, pea
                                run_trial, summarize, warm_up, weight_bytes, weight_bytes_per_token,
                                with_bandwidth)
 from mlx_mistral.cli.bench_view import human_bytes
+from mlx_mistral.kernels import dispatch
 
 OURS, THEIRS = "mlx-mistral", "mlx-lm"
 RESULTS = Path(__file__).parent / "results"
@@ -55,8 +56,7 @@ def load_runtime(name: str, path: Path, mlx_lm_dtype: str):
 
 
 def compute_dtype(model) -> str:
-    return next(str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
-                if mx.issubdtype(v.dtype, mx.floating))
+    return str(dispatch.compute_dtype(model)).removeprefix("mlx.core.")
 
 
 def describe(model, vocab_size: int) -> dict:

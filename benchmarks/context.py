@@ -32,7 +32,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_mistral.generate import generate_step, prefill
-from mlx_mistral.load import compute_dtype, load_model
+from mlx_mistral.cache import make_cache
+from mlx_mistral.kernels.dispatch import backend, compute_dtype
+from mlx_mistral.load import load_model
 from mlx_mistral.synth import synth
 
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -122,14 +124,13 @@ def main(argv=None) -> None:
     theirs = mlx_lm_load_model(folder)[0]
     theirs.set_dtype(dtype)
     mx.eval(theirs.parameters())
-    backend = "cpu" if not (mx.metal.is_available() or mx.cuda.is_available()) else "gpu"
-    out = args.out or Path(__file__).parent / "results" / backend
+    out = args.out or Path(__file__).parent / "results" / ("cpu" if backend() == "cpu" else "gpu")
 
     console = Console()
     rng = np.random.default_rng(0)
     vocab = ours.args.vocab_size
     tokens = mx.array(rng.integers(1000, vocab, size=args.max_context + 1), dtype=mx.int32)
-    cache = ours.make_cache()
+    cache = make_cache(ours)
     rows, start, done = [], time.perf_counter(), 0
     last_prefill_rate = None  # seconds per token^2 (attention dominates at long context)
     for length in [n for n in LENGTHS if n <= args.max_context]:

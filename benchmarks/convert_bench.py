@@ -87,7 +87,9 @@ def main() -> None:
         identical = same_tensors(tmp / "ours", tmp / "mlx-lm")
 
     mx = _mlx()
-    backend = "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
+    from mlx_mistral.kernels.dispatch import backend as which_backend
+
+    backend = which_backend()
     result = {
         "benchmark": "convert", "preset": a.preset, "checkpoint_mb": round(src_bytes / 1e6, 1),
         "bits": a.bits, "group_size": a.group_size, "runs": runs, "identical_tensors": identical,

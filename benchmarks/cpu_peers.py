@@ -30,6 +30,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import fixtures  # noqa: E402
+from mlx_mistral.engine.backend import NATIVE_ENV, backend_for  # noqa: E402
 from mlx_mistral.generate import generate_step  # noqa: E402
 from mlx_mistral.kernels import cpu  # noqa: E402
 from mlx_mistral.load import load_model  # noqa: E402
@@ -73,6 +74,15 @@ def time_stream(tokens, n_prompt: int) -> dict:
 
 def run_mlx_mistral(model, ids: list[int], n: int) -> dict:
     return time_stream((t for t, _ in generate_step(mx.array(ids), model, max_tokens=n)), len(ids))
+
+
+def run_mlx_ops(model, ids: list[int], n: int) -> dict:
+    """generate_step on the MLX-ops backend: the decoder switched off for the run."""
+    os.environ[NATIVE_ENV] = "0"
+    try:
+        return run_mlx_mistral(model, ids, n)
+    finally:
+        del os.environ[NATIVE_ENV]
 
 
 def run_mlx_lm(model, tokenizer, ids: list[int], n: int) -> dict:
@@ -152,11 +162,10 @@ def peers(args) -> dict:
     ids = lm_tok.encode(PROMPT_TEXT)[: args.prompt]
     ours = load_model(folder)  # the native decoder: one C call per forward
     per_op = load_model(folder)  # the same kernels called per matmul, MLX ops in between
-    per_op.native = False
     cpu.set_threads(args.threads)
     runners = {
         "mlx-mistral (native decoder)": lambda: run_mlx_mistral(ours, ids, args.decode),
-        "mlx-mistral (per-op kernels)": lambda: run_mlx_mistral(per_op, ids, args.decode),
+        "mlx-mistral (per-op kernels)": lambda: run_mlx_ops(per_op, ids, args.decode),
         "mlx-lm": lambda: run_mlx_lm(lm_model, lm_tok, ids, args.decode),
     }
     if importlib.util.find_spec("llama_cpp"):
@@ -192,7 +201,7 @@ def peers(args) -> dict:
     calls = 4 * len(per_op.layers) + 1  # per-op path: qkv, o, gate/up, down per block; the head
     return {"model": "SmolLM2-135M-Instruct", "format": "MLX affine 4-bit g64 (llama.cpp: Q4_1 GGUF)",
             "load_average_before_after": [load_before, os.getloadavg()[0]],
-            "native_decoder": ours.native_decoder() is not None,
+            "native_decoder": backend_for(ours).name == "native-cpu",
             "per_op_native_calls_per_decode_token": calls, "call_cost_us": boundary,
             "prompt_tokens": len(ids), "decode_tokens": args.decode, "threads": args.threads,
             "rounds": args.rounds, "kernels": cpu.describe(), "results": best, "failed": failures}
@@ -232,7 +241,7 @@ def big(args) -> dict:
           f"({read / 1e9:.2f} GB per token); prefill {res['prefill_tps']:.1f} tok/s")
     return {"model": str(args.big), "load_average_after": os.getloadavg()[0], "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
             "threads": args.threads, "kernels": cpu.describe(),
-            "native_decoder": model.native_decoder() is not None, **res}
+            "native_decoder": backend_for(model).name == "native-cpu", **res}
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from mlx_mistral.engine.backend import backend_for
 from mlx_mistral.kernels import dispatch
 
 GROUP_SIZE, BITS = 64, 4
@@ -50,7 +51,7 @@ def random_quantized(N: int, K: int, key: mx.array) -> tuple[mx.array, mx.array,
     w = mx.random.randint(0, 256, (N, K * BITS // 8), dtype=mx.uint8, key=k1).view(mx.uint32)  # codes
     scales = mx.abs(mx.random.normal((N, K // GROUP_SIZE), key=k2)) * 0.003 + 1e-3
     biases = -8 * scales
-    dtype = mx.float32 if dispatch.backend() == "cpu" else mx.bfloat16  # the compute dtype policy
+    dtype = dispatch.compute_dtype() or mx.bfloat16  # the compute dtype policy (GPU: bf16 checkpoints)
     return w, scales.astype(dtype), biases.astype(dtype)
 
 
@@ -67,7 +68,7 @@ def _once(fn) -> float:
 def layer_case(name: str, M: int, key: mx.array):
     """(ours, baseline, weight bytes, implementation) for one layer and M."""
     K, parts = LAYERS[name]
-    dtype = mx.float32 if dispatch.backend() == "cpu" else mx.bfloat16
+    dtype = dispatch.compute_dtype() or mx.bfloat16
     x = mx.random.normal((M, K), key=key).astype(dtype)
     keys = mx.random.split(key, len(parts))
     separate = [random_quantized(N, K, keys[i]) for i, N in enumerate(parts)]
@@ -135,7 +136,8 @@ def bench_model(folder: Path, tokens: int, prompt_len: int, repeats: int) -> dic
 
     def prefill(model) -> float:
         start = time.perf_counter()
-        mx.eval(model(prompt[None], cache=model.make_cache()))
+        runner = backend_for(model)
+        mx.eval(runner(prompt[None], cache=runner.make_cache()))
         return prompt_len / (time.perf_counter() - start)
 
     def decode(model) -> float:

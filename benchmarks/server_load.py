@@ -1,12 +1,16 @@
-"""Load test of `mlx-mistral serve` on loopback: throughput and latency under concurrent clients.
+"""Serving under concurrent load: `mlx-mistral serve` against `mlx_lm.server`, same folder, same run.
 
-Starts the server as a subprocess, sends N streaming chat requests from C concurrent clients
-and reports requests/s, p50/p95 time to first token and end-to-end latency, and aggregate decode
-tokens/s. As the baseline it first runs the same prompts one by one through `stream_generate`
-in this process (no HTTP, no queue), so the JSON shows what serving costs on the same machine.
+For each model and each runtime, the server runs as a subprocess on loopback; at each level of
+1, 2, 4 and 8 concurrent streams, that many clients each send `--rounds` streaming chat
+requests of `--max-tokens` greedy tokens (distinct questions). Reported per level: aggregate
+decode tokens/s (completion tokens / wall time) and TTFT p50/p95. Writes JSON, a plot and a
+markdown table under benchmarks/results/<device>/.
 
-    python benchmarks/server_load.py                      # small 4-bit synth model in /tmp
-    python benchmarks/server_load.py -m MODEL -n 32 -c 4 --max-tokens 32
+Both servers read one folder with one Hugging Face tokenizer (SmolLM2's), so they see the
+same prompt ids: the small preset is written with SmolLM2's vocabulary size for that.
+
+    python benchmarks/server_load.py                       # small preset (4-bit) and SmolLM2
+    python benchmarks/server_load.py --models smollm2 --levels 1,8 --runtimes mlx-mistral
 """
 
 from __future__ import annotations
@@ -14,32 +18,90 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import re
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlx_mistral  # noqa: F401  (loads OpenBLAS before mlx.core)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/fixtures.py
 
-import httpx
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+import mlx_mistral  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 
-DEFAULT_MODEL = Path("/tmp/mlx-mistral-small-q4")
-RESULTS = Path(__file__).parent / "results" / "cpu"
+import fixtures  # noqa: E402
+import httpx  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from mlx_mistral.bench import device_slug  # noqa: E402
+
 TOPICS = ["rivers", "bridges", "violins", "glaciers", "lighthouses", "comets", "bees", "clocks"]
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 console = Console(stderr=True)
 
 
-def prompts(n: int) -> list[list[dict]]:
-    """Distinct questions: requests share the chat preamble but not the question."""
-    return [[{"role": "user", "content": f"Request {i}: write a few sentences about {TOPICS[i % len(TOPICS)]}."}]
-            for i in range(n)]
+# -- the model folders ------------------------------------------------------------------------------
 
+def small_folder() -> Path:
+    """The small preset, 4-bit, with SmolLM2's tokenizer (and vocabulary size) instead of Tekken."""
+    from mlx_mistral import synth
+
+    out = fixtures.CACHE / "small-q4-smollm2-tokenizer"
+    if not (out / "config.json").exists():
+        synth.PRESETS["small-hf"] = dict(synth.PRESETS["small"], vocab_size=49152)
+        synth.synth(out, "small-hf", bits=4, group_size=64, force=True)
+        (out / "tekken.json").unlink()
+        for name in HF_TOKENIZER_FILES:
+            shutil.copy(fixtures.smollm2_hf() / name, out / name)
+    return out
+
+
+def smollm2_folder() -> Path:
+    from mlx_mistral.convert import convert
+
+    out = fixtures.CACHE / "smollm2-mlx-q4g64"
+    if not (out / "config.json").exists():
+        convert(str(fixtures.smollm2_hf()), str(out), quantize=True, q_group_size=64, q_bits=4)
+    return out
+
+
+MODELS = {"small": small_folder, "smollm2": smollm2_folder}
+
+
+# -- the servers ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(runtime: str, folder: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    if runtime == "mlx-mistral":
+        cmd = [sys.executable, "-m", "mlx_mistral.cli", "serve", "-m", str(folder), "--port", str(port),
+               "--max-batch", str(max_batch), "--no-ui"]
+    else:
+        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{runtime} server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{runtime} server did not start within 300 s")
+
+
+# -- the load -------------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
@@ -48,177 +110,133 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def summarize(records: list[dict], wall_s: float) -> dict:
-    ttft = [r["ttft_s"] for r in records]
-    e2e = [r["e2e_s"] for r in records]
-    tokens = sum(r["completion_tokens"] for r in records)
-    decode = [(r["completion_tokens"] - 1) / (r["e2e_s"] - r["ttft_s"])
-              for r in records if r["completion_tokens"] > 1 and r["e2e_s"] > r["ttft_s"]]
-    return {
-        "requests": len(records), "wall_s": wall_s, "requests_per_s": len(records) / wall_s,
-        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
-        "e2e_p50_s": percentile(e2e, 0.5), "e2e_p95_s": percentile(e2e, 0.95),
-        "completion_tokens": tokens, "aggregate_decode_tokens_per_s": tokens / wall_s,
-        "per_request_decode_tokens_per_s_p50": statistics.median(decode) if decode else None,
-    }
-
-
-def progress_bar() -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=console, transient=True)
-
-
-# -- baseline: the Python API, one request at a time ----------------------------------------------
-
-def run_direct(model_path: Path, messages: list[list[dict]], max_tokens: int) -> dict:
-    from mlx_mistral import load, stream_generate
-
-    model, tokenizer = load(model_path)
-    stream_generate_kw = dict(max_tokens=max_tokens, temperature=0.0)
-    for _ in stream_generate(model, tokenizer, messages[0], **stream_generate_kw):  # warm-up
-        pass
-    records = []
-    with progress_bar() as progress:
-        task = progress.add_task(f"{len(messages)} requests, one at a time", total=len(messages))
-        start = time.perf_counter()
-        for m in messages:
-            tic = time.perf_counter()
-            first = None
-            for r in stream_generate(model, tokenizer, m, **stream_generate_kw):
-                if first is None and r.token is not None:
-                    first = time.perf_counter() - tic
-            records.append({"ttft_s": first, "e2e_s": time.perf_counter() - tic,
-                            "completion_tokens": r.generation_tokens})
-            progress.advance(task)
-        wall = time.perf_counter() - start
-    return summarize(records, wall)
-
-
-# -- the server ---------------------------------------------------------------------------------
-
-def start_server(model_path: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_mistral.cli", "serve", "-m", str(model_path),
-                             "--port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
-        found = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-        if found:
-            return proc, found.group(1)
-    proc.kill()
-    raise SystemExit("the server did not start within 300 s")
-
-
-async def one_request(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> dict:
+    messages = [{"role": "user", "content": f"Request {i}: write a few sentences about {TOPICS[i % len(TOPICS)]}."}]
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
     tic = time.perf_counter()
-    ttft = None
-    usage = None
+    ttft, tokens = None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                usage = chunk["usage"]
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                tokens = chunk["usage"]["completion_tokens"]
+            choices = chunk.get("choices") or []
+            if ttft is None and choices and choices[0].get("delta", {}).get("content"):
                 ttft = time.perf_counter() - tic
     e2e = time.perf_counter() - tic
-    return {"ttft_s": ttft if ttft is not None else e2e, "e2e_s": e2e,
-            "completion_tokens": usage["completion_tokens"], "cached_tokens":
-            usage["prompt_tokens_details"]["cached_tokens"]}
+    return {"ttft_s": ttft if ttft is not None else e2e, "e2e_s": e2e, "completion_tokens": tokens}
 
 
-async def run_load(url: str, messages: list[list[dict]], concurrency: int, max_tokens: int) -> tuple[dict, list]:
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, url, messages[0], max_tokens)  # warm-up
-        pending = list(messages)
-        records = []
-        with progress_bar() as progress:
-            task = progress.add_task(f"{len(messages)} requests, {concurrency} at a time", total=len(messages))
+async def level(url: str, streams: int, rounds: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=streams)) as client:
+        await one_request(client, url, 99, 4)  # warm-up: first-call allocations stay out
 
-            async def client_loop():
-                while pending:
-                    records.append(await one_request(client, url, pending.pop(0), max_tokens))
-                    progress.advance(task)
+        async def client_loop(c: int) -> list[dict]:
+            return [await one_request(client, url, c * rounds + r, max_tokens) for r in range(rounds)]
 
-            start = time.perf_counter()
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-            wall = time.perf_counter() - start
-    return summarize(records, wall), records
+        start = time.perf_counter()
+        records = [r for rs in await asyncio.gather(*(client_loop(c) for c in range(streams))) for r in rs]
+        wall = time.perf_counter() - start
+    tokens = sum(r["completion_tokens"] for r in records)
+    ttft = [r["ttft_s"] for r in records]
+    return {"streams": streams, "requests": len(records), "wall_s": wall, "completion_tokens": tokens,
+            "aggregate_decode_tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 0.5),
+            "ttft_p95_s": percentile(ttft, 0.95), "e2e_p50_s": statistics.median(r["e2e_s"] for r in records)}
 
 
-def plot(records: list[dict], path: Path) -> None:
+def measure(runtime: str, folder: Path, levels: list[int], rounds: int, max_tokens: int) -> list[dict]:
+    proc, url = start(runtime, folder, max(levels))
+    try:
+        out = []
+        for n in levels:
+            console.print(f"  {runtime}: {n} stream(s)")
+            out.append(asyncio.run(level(url, n, rounds, max_tokens)))
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets, on our own numbers: 8 streams vs 1."""
+    by = {r["streams"]: r for r in rows}
+    if 1 not in by or 8 not in by:
+        return {}
+    return {"decode_8_vs_1": by[8]["aggregate_decode_tokens_per_s"] / by[1]["aggregate_decode_tokens_per_s"],
+            "ttft_p95_8_vs_ttft_1": by[8]["ttft_p95_s"] / by[1]["ttft_p50_s"]}
+
+
+def table(report: dict) -> str:
+    lines = ["| model | runtime | streams | decode tok/s (all streams) | TTFT p50 s | TTFT p95 s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for model, runtimes in report["results"].items():
+        for runtime, rows in runtimes.items():
+            for r in rows:
+                lines.append(f"| {model} | {runtime} | {r['streams']} | {r['aggregate_decode_tokens_per_s']:.1f} "
+                             f"| {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("ttft_s", "time to first token"), ("e2e_s", "end to end")):
-        values = sorted(r[key] for r in records)
-        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("mlx-mistral serve: latency under load")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    models = list(report["results"])
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 6), squeeze=False)
+    for j, model in enumerate(models):
+        for runtime, rows in report["results"][model].items():
+            x = [r["streams"] for r in rows]
+            axes[0][j].plot(x, [r["aggregate_decode_tokens_per_s"] for r in rows], "o-", label=runtime)
+            axes[1][j].plot(x, [r["ttft_p95_s"] for r in rows], "o-", label=runtime)
+        axes[0][j].set_title(f"{model}: decode tokens/s, all streams")
+        axes[1][j].set_title(f"{model}: TTFT p95 (s)")
+        for ax in axes[:, j]:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+            ax.set_xlabel("concurrent streams")
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("-n", "--requests", type=int, default=32)
-    ap.add_argument("-c", "--concurrency", type=int, default=4)
+    ap.add_argument("--models", default="small,smollm2")
+    ap.add_argument("--runtimes", default="mlx-mistral,mlx-lm")
+    ap.add_argument("--levels", default="1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=RESULTS / "server_load.json")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if not args.model.exists():
-        from mlx_mistral.synth import synth
-
-        console.print(f"writing the small 4-bit synth model to {args.model}")
-        synth(args.model, "small", bits=4, group_size=64)
-
-    messages = prompts(args.requests)
-    console.print("baseline: stream_generate, one request at a time")
-    direct = run_direct(args.model, messages, args.max_tokens)
-    proc, url = start_server(args.model)
-    try:
-        served, records = asyncio.run(run_load(url, messages, args.concurrency, args.max_tokens))
-    finally:
-        proc.terminate()
-        proc.wait(60)
-
-    result = {
-        "benchmark": "server_load", "model": str(args.model), "requests": args.requests,
-        "concurrency": args.concurrency, "max_tokens": args.max_tokens, "temperature": 0,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-        "server": served, "direct_sequential": direct,
-        "ratio_server_to_direct_tokens_per_s": served["aggregate_decode_tokens_per_s"]
-        / direct["aggregate_decode_tokens_per_s"],
-        "cached_tokens_mean": statistics.mean(r["cached_tokens"] for r in records),
-        "records": records,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(records, args.out.with_suffix(".png"))
-
-    table = Table(title=f"{args.requests} requests, {args.concurrency} concurrent, {args.max_tokens} tokens each")
-    table.add_column("")
-    table.add_column("server", justify="right")
-    table.add_column("stream_generate, sequential", justify="right")
-    for key, fmt in (("requests_per_s", "{:.2f}"), ("ttft_p50_s", "{:.3f}"), ("ttft_p95_s", "{:.3f}"),
-                     ("e2e_p50_s", "{:.3f}"), ("e2e_p95_s", "{:.3f}"), ("aggregate_decode_tokens_per_s", "{:.1f}")):
-        table.add_row(key, fmt.format(served[key]), fmt.format(direct[key]))
-    Console().print(table)
-    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    levels = [int(x) for x in args.levels.split(",")]
+    out = args.out or Path(__file__).parent / "results" / device_slug() / "server_load.json"
+    report = {"benchmark": "server_load", "device": device_slug(), "levels": levels, "rounds": args.rounds,
+              "max_tokens": args.max_tokens, "temperature": 0, "results": {}, "targets": {}}
+    for model in args.models.split(","):
+        folder = MODELS[model]()
+        console.print(f"{model}: {folder}")
+        report["results"][model] = {rt: measure(rt, folder, levels, args.rounds, args.max_tokens)
+                                    for rt in args.runtimes.split(",")}
+        report["targets"][model] = targets(report["results"][model].get("mlx-mistral", []))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(table(report) + "\n")
+    print(table(report))
+    print(json.dumps(report["targets"], indent=2))
+    console.print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from . import hub
 from .quantize import (BITS, DTYPES, GROUP_SIZES, RECIPES, bits_per_weight, output_specs, plan, quantization_config,
                        quantize_block)
 from .source import Source, SourceTensor, open_source
-from .writer import SHARD_BYTES, StreamingShardWriter, atomic_output_dir, write_config
+from .writer import (SHARD_BYTES, StreamingShardWriter, atomic_output_dir, folder_bytes, remove_stale_partials,
+                     write_config)
 
 BLOCK_BYTES = 32 * 1024**2  # float32 bytes per row block: large enough to keep MLX busy, small next to RAM
 
@@ -50,6 +51,25 @@ def row_blocks(t: SourceTensor) -> Iterator[tuple[int, int]]:
         step = max(t.rope_head_dim, step // t.rope_head_dim * t.rope_head_dim)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+# config.json keys that decide the model's math; every folder we write states each of them
+MATH_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "max_position_embeddings")
+
+
+def check_disk_space(out: Path, need: int) -> None:
+    """Refuse a conversion the disk cannot hold, after removing what killed earlier runs into
+    `out` left beside it; a partial folder still being written counts against the space."""
+    freed, live = remove_stale_partials(out)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if need <= free:
+        return
+    held = sum(folder_bytes(p) for p in live)
+    busy = f"; {held / 1e9:.1f} GB of it in {live[0]}, a conversion still running" if live else ""
+    raise MistralError(f"not enough disk space for {out}: needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+                       + (f" (after removing {freed / 1e9:.1f} GB of interrupted conversions)" if freed else "")
+                       + busy)
 
 
 def check_options(bits: int, group_size: int, dtype: str, recipe: str, quantize: bool) -> None:
@@ -94,21 +114,22 @@ def convert(
                  recipe=recipe) if quantize else {name: None for name in shapes}
     specs = [s for t in source.tensors for s in output_specs(t.name, t.shape, quant[t.name], mx_dtype)]
     need = sum(math.prod(shape) * d.size for _, shape, d in specs)
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
-    if need > free:
-        raise MistralError(f"not enough disk space for {out}: needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
+    check_disk_space(out, need)
 
-    config = dict(source.config)
+    # the model's math spelled out at the top level, as mlx-lm reads it: a transformers 5 config
+    # keeps rope_theta only inside rope_parameters, and mlx-lm's defaults (RoPE base 10000,
+    # tied embeddings) would silently change the logits
+    config = {**source.config, **{k: v for k, v in source.args.to_hf_dict().items() if k in MATH_KEYS}}
     config.pop("quantization_config", None)
     config["torch_dtype"] = dtype
     if quantize:
         config["quantization"] = quantization_config(quant, bits, group_size)
         config["quantization_config"] = config["quantization"]  # what HF-style readers look for
 
-    if progress:
-        progress.start(len(source.tensors), source.nbytes)
     try:
         with atomic_output_dir(out, force) as tmp:
+            if progress:  # once the folder exists: an error creating it is a line of its own
+                progress.start(len(source.tensors), source.nbytes)
             with StreamingShardWriter(tmp, specs, max_bytes=shard_bytes) as writer:
                 for t in source.tensors:
                     names = [name for name, _, _ in output_specs(t.name, t.shape, quant[t.name], mx_dtype)]

@@ -18,9 +18,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..config import ModelArgs
+from ..config import ModelArgs, tensor_shapes
 from ..errors import MistralError
-from ..synth import tensor_shapes
 from .safetensors_read import TensorRef, read_header
 
 # Mistral's consolidated names -> HF names ({i} is the layer index). w1/w3/w2 = gate/up/down.
@@ -156,7 +155,7 @@ def _match(found: dict[str, SourceTensor], args: ModelArgs, config_name: str, sr
 
 def _open_hf(folder: Path) -> Source:
     config = _read_json(folder / "config.json")
-    args = ModelArgs.from_dict(config)
+    args = ModelArgs.from_dict(config, source=str(folder / "config.json"))
     if "quantization" in config:
         raise MistralError(f"{folder} is already quantized (an MLX model folder); nothing to convert")
     found, names = {}, {}
@@ -168,7 +167,7 @@ def _open_hf(folder: Path) -> Source:
 
 
 def _open_consolidated(folder: Path, files: list[Path]) -> Source:
-    args = ModelArgs.from_params(_read_json(folder / "params.json"))
+    args = ModelArgs.from_params(_read_json(folder / "params.json"), source=str(folder / "params.json"))
     found, names = {}, {}
     for src_name, ref in _collect(files).items():
         name = consolidated_to_hf(src_name)
@@ -198,4 +197,8 @@ def open_source(folder: str | Path) -> Source:
     names = {f.name for f in source.tokenizer_files}
     if not names & {"tekken.json", "tokenizer.json", "tokenizer_config.json"}:
         raise MistralError(f"{folder} has no tokenizer (tekken.json or tokenizer.json)")
+    if "tekken.json" in names:  # a mismatched one would only fail at generation, deep in the model
+        from ..tokenizer import Tokenizer, check_tokenizer
+
+        check_tokenizer(Tokenizer.from_file(folder / "tekken.json"), source.args.vocab_size, folder)
     return source

@@ -7,10 +7,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import mlx.core as mx
 
@@ -152,25 +154,121 @@ class StreamingShardWriter:
         self._close_files()
 
 
+# Signals whose default action ends the process: each becomes an exception while a folder is
+# being written, so the partial folder is removed as on Ctrl-C. SIGKILL cannot be caught: its
+# leftovers are removed by the next run into the same destination (`remove_stale_partials`).
+CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+                        if hasattr(signal, name))
+
+
+class Terminated(BaseException):
+    """A termination signal arrived while an output folder was being written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Within the block, termination signals raise `Terminated` (main thread only: Python
+    delivers signals there; handlers a program installed itself are left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in CLEANUP_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def partial_prefix(out: Path) -> str:
+    return f".{out.name}."
+
+
+def _pid_of(partial: Path, out: Path) -> Optional[int]:
+    """The writer's process id, from `.NAME.PID.xxxx.partial` (None for an older name)."""
+    head = partial.name[len(partial_prefix(out)):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def partials_of(out: Path) -> list[Path]:
+    """Temporary folders of earlier writes into `out` (finished or not) beside it."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.glob(partial_prefix(out) + "*.partial") if p.is_dir())
+
+
+def remove_stale_partials(out: str | Path) -> tuple[int, list[Path]]:
+    """Remove what killed writes into `out` left behind (a SIGKILL, a power cut): returns the
+    bytes freed and the partial folders still being written by a live process."""
+    out = Path(out).expanduser().resolve()
+    freed, live = 0, []
+    for partial in partials_of(out):
+        pid = _pid_of(partial, out)
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            live.append(partial)
+            continue
+        freed += folder_bytes(partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    return freed, live
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; it becomes `out` only if the block succeeds.
 
-    On any error (Ctrl-C included) the temporary folder is removed and `out` is untouched.
+    On any error, Ctrl-C or a termination signal the temporary folder is removed and `out` is
+    untouched; leftovers of killed earlier runs into `out` are removed first. An OSError (a
+    read-only parent, a full disk) is one MistralError line.
     """
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise MistralError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise MistralError(f"{out} exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{partial_prefix(out)}{os.getpid()}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise MistralError(f"cannot write {out}: {e.strerror or e}") from e
+    try:
+        with _signals_raise():
+            tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MistralError(f"cannot write {out}: {e.strerror or e}") from e
+    except Terminated as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(128 + e.signum) from e  # the shell's code for "ended by this signal"
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .kernels.dispatch import backend
+
 # (prompt ids, model, max_tokens=, prefill_step_size=) -> (token id, logprobs) pairs
 StepFn = Callable[..., Iterator[tuple[Any, mx.array]]]
 # listener(phase, done, total): phase is "prefill" or "decode"
@@ -42,13 +44,6 @@ COPY_TEST_MB = 256  # well past any last-level cache, small enough to run in wel
 
 
 # --- the machine -------------------------------------------------------------------------------
-
-def backend() -> str:
-    """"metal", "cuda" or "cpu": where MLX computes by default."""
-    if mx.default_device() == mx.gpu:
-        return "metal" if mx.metal.is_available() else "cuda"
-    return "cpu"
-
 
 def chip_name() -> str:
     """The accelerator's name on a GPU backend, else the CPU's brand string."""

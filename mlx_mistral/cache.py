@@ -62,19 +62,34 @@ class KVSettings:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "KVSettings":
-        return cls(int(meta["kv_bits"]) or None, int(meta["kv_group_size"]), int(meta["max_kv_size"]) or None)
+        """The settings `as_metadata` wrote, checked: a missing or malformed value is a MistralError."""
+        values = []
+        for key in ("kv_bits", "kv_group_size", "max_kv_size"):
+            text = meta.get(key)
+            if not isinstance(text, str) or not text.isdigit():
+                raise MistralError(f"{key} must be a whole number, not {text!r}")
+            values.append(int(text))
+        return cls(values[0] or None, values[1], values[2] or None).check()
 
 
 def make_cache(model, *, kv_bits: Optional[int] = None, kv_group_size: int = 64,
                max_kv_size: Optional[int] = None) -> list:
-    """One cache per layer: growing by default, `kv_bits`-bit quantized, or a bounded rotating
-    one holding the first `KEEP` and the last `max_kv_size - KEEP` tokens."""
+    """One cache per layer: growing by default (the native decoder's kind where the model's
+    backend is the native one), `kv_bits`-bit quantized, or a bounded rotating one holding the
+    first `KEEP` and the last `max_kv_size - KEEP` tokens."""
+    from .engine.backend import backend_for
+
     settings = KVSettings(kv_bits, kv_group_size, max_kv_size).check(model.args.head_dim)
-    if max_kv_size is not None:
-        return [RotatingKVCache(max_size=max_kv_size, keep=KEEP) for _ in model.layers]
-    if kv_bits is not None:
-        return [QuantizedKVCache(group_size=settings.kv_group_size, bits=kv_bits) for _ in model.layers]
-    return model.make_cache()
+    return backend_for(model).make_cache(settings)
+
+
+def layer_caches(model, settings: KVSettings) -> list:
+    """The MLX-ops kinds of `make_cache`: KVCache, QuantizedKVCache or RotatingKVCache."""
+    if settings.max_kv_size is not None:
+        return [RotatingKVCache(max_size=settings.max_kv_size, keep=KEEP) for _ in model.layers]
+    if settings.kv_bits is not None:
+        return [QuantizedKVCache(group_size=settings.kv_group_size, bits=settings.kv_bits) for _ in model.layers]
+    return [KVCache() for _ in model.layers]
 
 
 def portable(cache: list) -> list:
@@ -93,8 +108,10 @@ def portable(cache: list) -> list:
 
 
 def adopt(model, cache: list) -> list:
-    """Plain growing caches (from a file) in the kind `model.make_cache()` makes."""
-    kind = type(model.make_cache()[0])
+    """Plain growing caches (from a file) in the kind the model's backend makes."""
+    from .engine.backend import backend_for
+
+    kind = type(backend_for(model).make_cache()[0])
     if kind is KVCache or not all(type(c) is KVCache for c in cache):
         return cache
     return [kind.like(c) for c in cache]

@@ -93,6 +93,17 @@ def stream_generate(model, tokenizer, prompt: Prompt, *,
     yield from engine.responses(engine.submit(request, prompt_cache))
 
 
+def engine_generate_step(prompt: mx.array, model, *, max_tokens: int = 256,
+                         prefill_step_size: int = DEFAULT_PREFILL_STEP, **_: Any):
+    """`generate_step`'s shape (yields (token id, None)) through the engine: greedy, end of
+    sequence ignored, as `bench` measures it."""
+    engine = Engine(model, None, max_batch=1, prefill_chunk=prefill_step_size)
+    request = Request(tuple(prompt.tolist()), max_tokens, ignore_eos=True)
+    for r in engine.responses(engine.submit(request)):
+        if r.token is not None:
+            yield r.token, None
+
+
 def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
     """The whole reply as text (see `stream_generate` for the parameters)."""
     pieces = []

@@ -11,33 +11,29 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .kernels.dispatch import compute_dtype
 from .errors import MistralError, first_line
 from .model import Model
-from .tokenizer import load_tokenizer
+from .tokenizer import check_tokenizer, load_tokenizer
 
 # What a hub download fetches: an MLX/HF folder's config, weights and tokenizer, nothing else.
 HUB_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def compute_dtype() -> Optional[mx.Dtype]:
-    """float32 on MLX's CPU backend (its quantized matmul is ~10x faster in float32 than in
-    bfloat16); None on GPUs, which keep the checkpoint's float16/bfloat16."""
-    gpu = mx.metal.is_available() or mx.cuda.is_available()
-    return None if gpu else mx.float32
-
-
 def runtime_summary(model=None, kv_bits: Optional[int] = None, max_kv_size: Optional[int] = None) -> str:
     """Where the numbers come from, for --verbose (with `model`: which forward path it takes)."""
     from . import _blas
+    from .engine.backend import backend_for
     from .kernels import dispatch
 
     dtype = compute_dtype()
     text = (f"device: {mx.default_device()}, compute dtype: {'checkpoint' if dtype is None else dtype}, "
             f"BLAS: {_blas.describe()}, kernels: {dispatch.describe()}")
     if model is not None and dispatch.backend() == "cpu":
-        if model.native_decoder() is None:
-            text += ", forward: MLX ops"
+        runner = backend_for(model)
+        if runner.decoder is None:
+            text += f", forward: {runner.describe()}"
         elif kv_bits or max_kv_size:
             text += ", forward: MLX ops (the native decoder keeps a plain KV cache: no --kv-bits/--max-kv-size)"
         else:
@@ -89,12 +85,17 @@ def _is_mlx_config(repo: str, files: list[str]) -> bool:
 
 
 def read_config(folder: Path) -> dict:
+    """A folder's config.json, checked field by field (`ModelArgs.from_dict`) before anything
+    is sized from it: a bad value is one MistralError naming the file and the field."""
+    path = Path(folder) / "config.json"
     try:
-        return json.loads((folder / "config.json").read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise MistralError(f"{folder} has no config.json") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MistralError(f"cannot read {folder / 'config.json'}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MistralError(f"cannot read {path}: {first_line(e)}") from e
+    ModelArgs.from_dict(config, source=str(path))
+    return config
 
 
 def config_only(path_or_hub_id: str | Path) -> tuple[dict, Optional[int]]:
@@ -161,7 +162,7 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
     """The model of a local folder. `dtype` overrides the compute dtype policy; `fuse=False`
     keeps q/k/v and gate/up as separate matrices (the layout mlx-lm runs)."""
     folder = Path(path)
-    args = ModelArgs.from_dict(read_config(folder))
+    args = ModelArgs.from_dict(read_config(folder), source=str(folder / "config.json"))
     model = Model(args)
     weights = model.sanitize(load_weights(folder))
     if args.quantization:
@@ -199,4 +200,5 @@ def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: 
     memory.check_fits(p, memory.machine_budget(), name=str(path_or_hub_id))
     memory.raise_wired_limit()
     tokenizer = load_tokenizer(folder)
+    check_tokenizer(tokenizer, p.args.vocab_size, folder)
     return load_model(folder, dtype=dtype, lazy=lazy, fuse=fuse), tokenizer

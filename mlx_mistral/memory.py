@@ -2,6 +2,10 @@
 
 Everything is arithmetic on config.json (no weights are read), so it can answer for a 24B
 folder in milliseconds and refuse a combination that would swap before loading anything.
+Contexts are counted in tokens, never bytes: `prompt_tokens` / `count_prompt_tokens` give the
+exact ids a prompt becomes (the tokenizer loads in about a second, long before the weights), and
+`context_tokens` turns prompt + reply into what a run must hold, at most what the model accepts
+(max_position_embeddings).
 """
 
 from __future__ import annotations
@@ -9,14 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
 from .cache import KVSettings
-from .config import ModelArgs
+from .config import ModelArgs, tensor_shapes
 from .errors import MistralError
-from .synth import tensor_shapes
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SCALE_BIAS = 2  # an affine-quantized group stores a scale and a bias in the float dtype
@@ -35,14 +38,16 @@ def runtime_dtype_bytes(config: dict) -> int:
     return DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), 2)
 
 
-def _quantization_of(args: ModelArgs, module: str) -> Optional[dict]:
+def _quantization_of(args: ModelArgs, module: str, in_features: int) -> Optional[dict]:
     q = args.quantization
     if not q:
         return None
     override = q.get(module)  # mlx-lm's per-layer recipe entries
     if override is False:
         return None
-    return override if isinstance(override, dict) else q
+    q = override if isinstance(override, dict) else q
+    # rows that do not split into whole groups stay in the float dtype (convert and mlx-lm do so)
+    return None if in_features % q["group_size"] else q
 
 
 def weights_bytes(args: ModelArgs, dtype_bytes: int = 2) -> int:
@@ -51,7 +56,7 @@ def weights_bytes(args: ModelArgs, dtype_bytes: int = 2) -> int:
     total = 0
     for name, shape in tensor_shapes(args):
         n = math.prod(shape)
-        q = _quantization_of(args, name.removesuffix(".weight")) if len(shape) == 2 else None
+        q = _quantization_of(args, name.removesuffix(".weight"), shape[-1]) if len(shape) == 2 else None
         if q is None:
             total += n * dtype_bytes
         else:
@@ -108,22 +113,72 @@ class Plan:
         return self.weights + self.kv_bytes + self.working()
 
     def tokens_that_fit(self, budget: int) -> int:
-        """The largest context whose KV and scores fit beside the weights."""
+        """The largest context whose KV and scores fit beside the weights, at most the model's
+        max_position_embeddings (a longer one is not accepted, whatever the memory)."""
         a = self.args
         per_token = self.kv_per_token + (0 if self.fused_attention else a.num_attention_heads * PREFILL_STEP * 4)
         room = budget - self.weights - self.working(tokens=0)
-        return max(0, int(room // per_token))
+        return max(0, min(a.max_position_embeddings, int(room // per_token)))
 
 
 def plan(config: dict, *, context: int = 0, kv_bits: Optional[int] = None, kv_group_size: int = 64,
          max_kv_size: Optional[int] = None, dtype_bytes: Optional[int] = None,
          fused_attention: Optional[bool] = None) -> Plan:
-    """The plan for a folder's config.json dict; `dtype_bytes` and `fused_attention` default
-    to this runtime's."""
+    """The plan for a folder's config.json dict and a run holding `context` tokens (prompt +
+    reply: see `context_tokens`), capped at max_position_embeddings; `dtype_bytes` and
+    `fused_attention` default to this runtime's."""
     args = ModelArgs.from_dict(config)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+        raise MistralError(f"the context to plan for must be a whole number of tokens, not {context!r}")
+    context = min(context, args.max_position_embeddings)
     kv = KVSettings(kv_bits, kv_group_size, max_kv_size).check(args.head_dim)
     fused = gpu_backend() if fused_attention is None else fused_attention
     return Plan(args, context, kv, dtype_bytes or runtime_dtype_bytes(config), fused)
+
+
+def prompt_tokens(tokenizer, prompt: Any, *, system: Optional[str] = None,
+                  tools: Optional[list[dict]] = None) -> int:
+    """How many ids `prompt` becomes, exactly as generation encodes it: text is one user message
+    (after `system`), a list of message dicts goes through the chat format, ids count as they are."""
+    if isinstance(prompt, str):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return len(tokenizer.encode_chat(messages, tools=tools))
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = list(prompt)
+        if system and messages[0].get("role") != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        return len(tokenizer.encode_chat(messages, tools=tools))
+    if isinstance(prompt, (list, tuple, mx.array)):
+        return len(prompt)
+    raise MistralError("prompt must be text, a non-empty list of token ids, or a list of messages")
+
+
+def count_prompt_tokens(folder: str | Path, prompt: Any, *, system: Optional[str] = None,
+                        tools: Optional[list[dict]] = None) -> int:
+    """`prompt_tokens` with the tokenizer of a model folder, before (and without) its weights."""
+    from .tokenizer import load_tokenizer
+
+    return prompt_tokens(load_tokenizer(folder), prompt, system=system, tools=tools)
+
+
+def context_tokens(config: dict, *, prompt: int = 0, max_tokens: Optional[int] = None,
+                   context: Optional[int] = None) -> int:
+    """The tokens a run must hold: `context` when the user set one (--context), else `prompt`
+    tokens plus a reply of `max_tokens` (None: up to the model's limit), at most
+    max_position_embeddings. A prompt or context longer than the model accepts is refused."""
+    limit = ModelArgs.from_dict(config).max_position_embeddings
+    for name, value in (("prompt", prompt), ("max_tokens", max_tokens), ("context", context)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise MistralError(f"{name} must be a whole number of tokens, not {value!r}")
+    if context is not None:
+        if context > limit:
+            raise MistralError(f"a context of {context} tokens is more than the model accepts "
+                               f"(max_position_embeddings {limit})")
+        return context
+    if prompt > limit:
+        raise MistralError(f"the prompt is {prompt} tokens, more than the model accepts "
+                           f"(max_position_embeddings {limit})")
+    return limit if max_tokens is None else min(limit, prompt + max_tokens)
 
 
 @dataclass

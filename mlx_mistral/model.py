@@ -6,7 +6,6 @@ folder, an mlx-lm folder and our converted folder all load without renaming.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -37,6 +36,21 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
+        q, k, v = self._qkv(x)
+        out = self._attend(q, k, v, mask, cache)  # (B, n_heads, L, hd)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # o of (B, L, n_heads * hd)
+
+    def ragged(self, x: mx.array, caches: list) -> mx.array:
+        """B sequences of one token each, each over its own cache (its own length): the
+        projections read the weights once for all rows, attention runs per sequence."""
+        B = x.shape[0]  # x: (B, 1, hidden)
+        q, k, v = self._qkv(x)  # (B, heads, 1, hd)
+        outs = [self._attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], None, c) for b, c in enumerate(caches)]
+        out = mx.concatenate(outs, axis=0)  # (B, n_heads, 1, hd)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
+
+    def _qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        B, L, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x)
         else:
@@ -44,15 +58,17 @@ class Attention(nn.Module):
         q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_heads, L, hd)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, hd)
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, hd)
+        return q, k, v
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Optional[Any]) -> mx.array:
+        """RoPE at the cache's offset, the cache append, then attention: (B, n_heads, L, hd)."""
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, n_kv, offset + L, hd)
         # GQA: sdpa broadcasts each KV head over its n_heads / n_kv_heads query heads
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * hd)
-        return self.o_proj(out)
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
 
     def fuse(self) -> None:
         """q/k/v into one matrix when they share a format; quantized layers to the dispatcher."""
@@ -106,6 +122,10 @@ class Block(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def ragged(self, x: mx.array, caches: list) -> mx.array:
+        h = x + self.self_attn.ragged(self.input_layernorm(x), caches)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -124,6 +144,13 @@ class Transformer(nn.Module):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
+    def ragged(self, tokens: mx.array, caches: list[list]) -> mx.array:
+        """tokens (B, 1), caches[b] sequence b's per-layer caches -> (B, 1, hidden)."""
+        h = self.embed_tokens(tokens)  # (B, 1, hidden)
+        for i, layer in enumerate(self.layers):
+            h = layer.ragged(h, [c[i] for c in caches])
+        return self.norm(h)
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -133,8 +160,6 @@ class Model(nn.Module):
         self.model = Transformer(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.native = True  # False: never the native CPU decoder (kernels/cpu_model.py)
-        self._decoder = None  # the native decoder once built; False where it cannot run
 
     @classmethod
     def from_config(cls, args: ModelArgs) -> "Model":
@@ -142,23 +167,12 @@ class Model(nn.Module):
         return cls(args)
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
-        decoder = self.native_decoder()
-        if decoder is not None and decoder.accepts(tokens, cache):
-            return decoder(tokens, cache)
         return self.head(self.model(tokens, cache))  # (B, T, vocab)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_decoder"] = None  # pointers into this model's buffers: a copy builds its own
-        return state
-
-    def update(self, parameters: dict, strict: bool = True) -> "Model":
-        self._decoder = None  # new weights (load, set_dtype, quantize): the decoder is rebuilt
-        return super().update(parameters, strict)
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
-        self._decoder = None
-        return super().update_modules(modules, strict)
+    def decode_ragged(self, tokens: mx.array, caches: list[list]) -> mx.array:
+        """B sequences of different lengths, one new token each: tokens (B, 1), caches[b]
+        sequence b's per-layer caches -> logits (B, 1, vocab); one position appended to each."""
+        return self.head(self.model.ragged(tokens, caches))
 
     def head(self, h: mx.array) -> mx.array:
         """The output head: (B, T, hidden) -> (B, T, vocab); quantized through the dispatcher."""
@@ -171,19 +185,6 @@ class Model(nn.Module):
                                              mode=getattr(embed, "mode", "affine"))
         return embed.as_linear(h)
 
-    def native_decoder(self):
-        """The native CPU decoder for this model, or None (not on the CPU backend, turned off,
-        kernels missing, or a weight format they do not cover). Built on first use."""
-        if not self.native or self._decoder is False:
-            return None
-        if self._decoder is None:
-            from .kernels import cpu_model
-
-            usable = (dispatch.backend() == "cpu" and os.environ.get("MLX_MISTRAL_NATIVE_DECODER") != "0"
-                      and cpu_model.NativeDecoder.supports(self) is None)
-            self._decoder = cpu_model.NativeDecoder(self) if usable else False
-        return self._decoder or None
-
     @property
     def layers(self) -> list:
         return self.model.layers
@@ -191,7 +192,6 @@ class Model(nn.Module):
     def fuse(self) -> "Model":
         """Fuse q/k/v and gate/up per layer and route quantized matmuls through the kernel
         dispatcher. Run after the weights load (they load under their HF names)."""
-        self._decoder = None
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
@@ -200,11 +200,8 @@ class Model(nn.Module):
         return self
 
     def make_cache(self) -> list:
-        """Growing K/V caches, in the native decoder's own kind where it runs."""
-        if self.native_decoder() is not None:
-            from .kernels.cpu_model import NativeKVCache
-
-            return [NativeKVCache() for _ in self.layers]
+        """Growing K/V caches for the MLX-ops forward (mlx-lm calls this when present); the
+        engine's backend makes the native decoder's kind (`engine.backend.Backend.make_cache`)."""
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict) -> dict:

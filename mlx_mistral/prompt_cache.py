@@ -24,6 +24,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from .cache import KEEP, ConversationCache, KVCache, KVSettings, RotatingKVCache, adopt, common_prefix_length, portable
 from .errors import MistralError, first_line
 from .engine.steps import prefill
+from .kernels.dispatch import compute_dtype
 
 FORMAT = "mlx-mistral-prompt-cache/1"
 # the document and the question of a request are joined with this (see `PromptCacheFile.messages`)
@@ -134,24 +135,72 @@ def writable_output(out: Path) -> Path:
     return out
 
 
-def peek_prompt_cache(path: str | Path) -> dict[str, str]:
-    """A prompt cache file's metadata, read from the safetensors header alone (no arrays)."""
-    path = Path(path).expanduser()
+CACHE_CLASSES = ("KVCache", "QuantizedKVCache", "RotatingKVCache")  # what `cache_prompt` writes
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its header alone (no arrays)."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 2 <= size <= 100 * 2**20:  # the safetensors limit on a header
                 raise ValueError("no safetensors header")
             raw = json.loads(f.read(size)).get("__metadata__", {})
-        # mlx-lm flattens [user metadata, cache classes, scalars]: ours are the "0." keys
-        meta = {k[2:]: v for k, v in raw.items() if k.startswith("0.")}
+        if not isinstance(raw, dict):
+            raise ValueError("its metadata is not an object")
     except FileNotFoundError:
         raise MistralError(f"no such prompt cache file: {path}") from None
+    except IsADirectoryError:
+        raise MistralError(f"{path} is a folder, not a prompt cache file") from None
     except (OSError, ValueError, AttributeError) as e:
-        raise MistralError(f"{path} is not a prompt cache file ({e})") from e
+        raise MistralError(f"{path} is not a prompt cache file ({first_line(e)})") from e
+    return raw
+
+
+def _check_metadata(meta: dict, classes: list) -> Optional[str]:
+    """What is wrong with a prompt cache's metadata, or None."""
+    for key in ("model", "tokens", "system", "document", "tools", "kv_bits", "kv_group_size", "max_kv_size"):
+        if not isinstance(meta.get(key), str):
+            return f"its metadata lacks {key}"
+    try:
+        tokens = json.loads(meta["tokens"])
+        tools = json.loads(meta["tools"]) if meta["tools"] else []
+    except json.JSONDecodeError as e:
+        return f"its tokens or tools are not JSON ({e.msg})"
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                        for t in tokens)):
+        return "its tokens are not a list of token ids"
+    if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return "its tools are not a list of tool definitions"
+    try:
+        KVSettings.from_metadata(meta)
+    except MistralError as e:
+        return f"its KV settings are wrong: {e}"
+    if not classes or any(c not in CACHE_CLASSES for c in classes):
+        bad = next((c for c in classes if c not in CACHE_CLASSES), None)
+        return f"it holds an unknown cache class {bad!r}" if classes else "it names no cache classes"
+    return None
+
+
+def peek_prompt_cache(path: str | Path) -> dict[str, str]:
+    """A prompt cache file's metadata, read from the safetensors header alone (no arrays) and
+    checked: every field `cache_prompt` writes is there and well formed."""
+    path = Path(path).expanduser()
+    raw = _read_header(path)
+    # mlx-lm flattens [user metadata, cache classes, scalars]: ours are the "0." keys
+    meta = {k[2:]: v for k, v in raw.items() if k.startswith("0.")}
     if meta.get("format") != FORMAT:
         raise MistralError(f"{path} is not an mlx-mistral prompt cache (format {meta.get('format')!r})")
+    classes = [v for k, v in sorted(raw.items(), key=lambda kv: _index(kv[0])) if k.startswith("1.")]
+    problem = _check_metadata(meta, classes)
+    if problem:
+        raise MistralError(f"{path} is a damaged prompt cache: {problem}")
     return meta
+
+
+def _index(key: str) -> int:
+    head, _, rest = key.partition(".")
+    return int(rest) if rest.isdigit() else -1
 
 
 def load_prompt_cache_file(path: str | Path, model, *, kv_bits: Optional[int] = None,
@@ -161,9 +210,11 @@ def load_prompt_cache_file(path: str | Path, model, *, kv_bits: Optional[int] = 
     peek_prompt_cache(path)
     try:
         cache, meta = load_prompt_cache(str(path), return_metadata=True)
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
+    except (RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise MistralError(f"cannot read prompt cache {path}: {first_line(e)}") from e
     remake = "remake it with `mlx-mistral cache-prompt` for this model and these settings"
+    if len(cache) != len(model.layers):
+        raise MistralError(f"{path} holds {len(cache)} layers of K/V but the model has {len(model.layers)}: {remake}")
     if meta["model"] != model_fingerprint(model):
         raise MistralError(f"{path} was made for another model (fingerprint {meta['model']}, "
                            f"this model's is {model_fingerprint(model)}): {remake}")
@@ -173,10 +224,12 @@ def load_prompt_cache_file(path: str | Path, model, *, kv_bits: Optional[int] = 
         raise MistralError(f"{path} holds {made.describe()} but {asked.describe()} was asked for: "
                            f"pass the same --kv-bits/--kv-group-size or {remake}")
     if kv_bits is None:
-        dtype = model.model.norm.weight.dtype  # the file may come from a backend computing in another dtype
+        dtype = compute_dtype(model)  # the file may come from a backend computing in another dtype
         for c in cache:
             c.keys, c.values = c.keys.astype(dtype), c.values.astype(dtype)
     tokens = json.loads(meta["tokens"])
+    if any(c.offset != len(tokens) for c in cache) or max(tokens) >= model.args.vocab_size:
+        raise MistralError(f"{path} is a damaged prompt cache: its K/V and its {len(tokens)} token ids disagree")
     if max_kv_size is not None:
         cache = [_as_rotating(c, max_kv_size) for c in cache]
     elif kv_bits is None:

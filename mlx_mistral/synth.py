@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .config import ModelArgs
+from .config import ModelArgs, tensor_shapes  # noqa: F401  (tensor_shapes: re-exported for the CLI)
 from .convert.writer import ShardWriter, atomic_output_dir, write_config
 from .errors import MistralError
 
@@ -25,9 +25,10 @@ REAL = dict(  # Mistral-Small-24B-Instruct-2501's config.json
 )
 
 PRESETS = {
-    # a few MB; keeps the real quirks: head_dim != hidden/heads, 4:1 GQA, theta 1e8, untied head
+    # a few MB; keeps the real quirks: head_dim != hidden/heads, 4:1 GQA, theta 1e8, untied head;
+    # head_dim 64 so every KV group size up to 64 fits (--kv-bits works on it)
     "tiny": dict(REAL, hidden_size=256, num_hidden_layers=2, intermediate_size=512,
-                 num_attention_heads=8, num_key_value_heads=2, head_dim=16, vocab_size=8192),
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=8192),
     # ~240M parameters, real head_dim: big enough for meaningful CPU timings
     "small": dict(REAL, hidden_size=1280, num_hidden_layers=8, intermediate_size=4096,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=32768),
@@ -35,26 +36,6 @@ PRESETS = {
 }
 
 INIT_STD = 0.02  # keeps activations bounded through the residual stream at any depth
-
-
-def tensor_shapes(args: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """HF tensor names and shapes in checkpoint order."""
-    d, hd = args.hidden_size, args.head_dim
-    yield "model.embed_tokens.weight", (args.vocab_size, d)
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm.weight", (d,)
-        yield f"{p}.self_attn.q_proj.weight", (args.num_attention_heads * hd, d)
-        yield f"{p}.self_attn.k_proj.weight", (args.num_key_value_heads * hd, d)
-        yield f"{p}.self_attn.v_proj.weight", (args.num_key_value_heads * hd, d)
-        yield f"{p}.self_attn.o_proj.weight", (d, args.num_attention_heads * hd)
-        yield f"{p}.post_attention_layernorm.weight", (d,)
-        yield f"{p}.mlp.gate_proj.weight", (args.intermediate_size, d)
-        yield f"{p}.mlp.up_proj.weight", (args.intermediate_size, d)
-        yield f"{p}.mlp.down_proj.weight", (d, args.intermediate_size)
-    yield "model.norm.weight", (d,)
-    if not args.tie_word_embeddings:
-        yield "lm_head.weight", (args.vocab_size, d)
 
 
 def tekken_json(vocab_size: int) -> dict:

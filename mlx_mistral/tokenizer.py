@@ -74,8 +74,8 @@ class Tokenizer:
 
         try:
             return cls(MistralTokenizer.from_file(str(path)))
-        except (OSError, ValueError, KeyError) as e:
-            raise MistralError(f"cannot read tokenizer {path}: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a damaged or foreign file
+            raise MistralError(f"cannot read tokenizer {path}: {_first_line(e)}") from e
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         return self.tekken.encode(text, bos=bos, eos=eos)
@@ -148,6 +148,17 @@ def load_tokenizer(folder: str | Path):
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
         return HFTokenizer.from_folder(folder)
     raise MistralError(f"{folder} has no tekken.json (nor HF tokenizer files)")
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str | Path) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table.
+
+    A Tekken file must match vocab_size exactly (Mistral ships them cut to the model's size); an
+    HF tokenizer may be smaller than a padded table, never larger."""
+    n = tokenizer.vocab_size
+    if (n != vocab_size) if tokenizer.mistral is not None else (n > vocab_size):
+        raise MistralError(f"the tokenizer in {where} has {n} tokens but config.json's vocab_size is {vocab_size}: "
+                           "they belong to different models")
 
 
 def _first_line(e: Exception) -> str:

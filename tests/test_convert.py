@@ -219,7 +219,7 @@ def test_converting_streams_with_memory_well_below_the_checkpoint(smollm2_dir, s
 
 
 @pytest.mark.slow
-def test_smollm2_4bit_and_mixed_quality_on_real_text(smollm2_dir, smollm2_q4, tmp_path):
+def test_smollm2_4bit_and_mixed_quality_on_real_text(smollm2_dir, smollm2, smollm2_q4, tmp_path):
     """Real weights against full precision over every position of a real-text passage.
 
     These weights come from a Q4_1 GGUF (4-bit, groups of 32, min-max grid): MLX's affine grid
@@ -234,7 +234,7 @@ def test_smollm2_4bit_and_mixed_quality_on_real_text(smollm2_dir, smollm2_q4, tm
                "8-bit g64": convert(smollm2_dir, tmp_path / "q8", bits=8).out}
     ids = AutoTokenizer.from_pretrained(smollm2_dir)(TEXT)["input_ids"]
     assert len(ids) >= 300
-    ref = logits(load_model(smollm2_dir), ids)
+    ref = logits(smollm2[0], ids)
     results = {}
     for name, folder in folders.items():
         model = load_model(folder, fuse=False)  # inspects the per-layer quantization

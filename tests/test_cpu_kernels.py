@@ -143,7 +143,7 @@ def test_disabled_kernels_warn_once_and_stay_correct(monkeypatch):
     assert cpu.available()
 
 
-def test_smollm2_4bit_logits_and_greedy_tokens_match_mlx(smollm2_dir):
+def test_smollm2_4bit_logits_and_greedy_tokens_match_mlx(smollm2_dir, monkeypatch):
     """The dispatcher's per-matmul kernels in a real model (fused q/k/v and gate/up, the tied
     head) against plain nn.QuantizedLinear layers on MLX's own op."""
     pair = []
@@ -153,8 +153,8 @@ def test_smollm2_4bit_logits_and_greedy_tokens_match_mlx(smollm2_dir):
         if fuse:
             model.fuse()  # quantized layers to the dispatcher, which picks the native kernels
         mx.eval(model.parameters())
-        model.native = False  # per matmul here; the whole-model decoder: test_native_decoder.py
         pair.append(model)
+    monkeypatch.setenv("MLX_MISTRAL_NATIVE_DECODER", "0")  # per matmul here; the decoder: test_native_decoder.py
     ref, ours = pair
     assert type(ref.layers[0].mlp.down_proj) is nn.QuantizedLinear
     assert type(ours.layers[0].mlp.down_proj) is not nn.QuantizedLinear

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_mistral import load
 from mlx_mistral.cache import make_cache
 from mlx_mistral.generate import generate_step
 
@@ -15,8 +14,8 @@ N = 40  # greedy tokens; measured on this prompt: 8-bit KV agrees for the first 
 
 
 @pytest.fixture(scope="module")
-def smollm2_greedy(smollm2_dir):
-    model, tok = load(smollm2_dir)
+def smollm2_greedy(smollm2):
+    model, tok = smollm2
     ids = tok.encode_chat([{"role": "user", "content": STORY}])
     greedy = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=N)]
     fp = teacher_forced(model, ids, greedy)

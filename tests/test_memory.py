@@ -80,3 +80,53 @@ def test_info_reads_only_config_json(tmp_path):
     assert r.exit_code == 0 and "85.0 KiB" in r.output
     r = CliRunner().invoke(cli, ["info", "-m", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "no such model folder" in r.output
+
+
+def test_plans_count_tokens_and_stop_at_the_models_context(tekken):
+    text = "Le phare de Santa Maria fut construit en 1864. " * 200  # ~10 KB
+    n = memory.prompt_tokens(tekken, text)
+    assert n == len(tekken.encode_chat([{"role": "user", "content": text}]))
+    assert n < len(text.encode()) / 2  # bytes are not tokens
+    assert memory.prompt_tokens(tekken, [1, 2, 3]) == 3
+    assert memory.prompt_tokens(tekken, text, system="Be brief.") > n
+    assert memory.context_tokens(Q4, prompt=n, max_tokens=512) == n + 512
+    assert memory.context_tokens(Q4, prompt=n) == 32768  # no reply limit: up to what the model accepts
+    assert memory.context_tokens(Q4, prompt=n, max_tokens=10**6) == 32768
+    assert memory.context_tokens(Q4, context=4096) == 4096
+    p = memory.plan(Q4, context=10**6, dtype_bytes=2)
+    assert p.context == 32768
+    assert p.tokens_that_fit(10**15) == 32768  # plenty of memory: the model's limit, not 285k
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(prompt=40000), "the prompt is 40000 tokens"),
+    (dict(context=40000), "a context of 40000 tokens"),
+    (dict(prompt=-1), "prompt must be a whole number"),
+    (dict(max_tokens=1.5), "max_tokens must be a whole number"),
+    (dict(context="4k"), "context must be a whole number"),
+])
+def test_context_beyond_the_model_is_one_line(kw, message):
+    with pytest.raises(MistralError, match=message):
+        memory.context_tokens(Q4, **kw)
+
+
+def test_count_prompt_tokens_reads_only_the_tokenizer(tiny_dir, tiny):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert memory.count_prompt_tokens(tiny_dir, messages) == len(tiny[1].encode_chat(messages))
+
+
+def test_info_says_at_most_the_models_context(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(Q4, max_position_embeddings=8192)))
+    r = CliRunner().invoke(cli, ["info", "-m", str(tmp_path), "--budget-gb", "1000", "--dtype", "float16"])
+    assert r.exit_code == 0, r.output
+    assert "up to 8192 tokens" in r.output
+
+
+def test_unquantizable_rows_count_as_floats():
+    # SmolLM2-like widths: 576 = 9 x 64 splits into groups of 64, not of 128
+    config = dict(Q4, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                  head_dim=64, num_hidden_layers=2, vocab_size=49152)
+    g64 = memory.plan(dict(config, quantization={"group_size": 64, "bits": 4}), dtype_bytes=2).weights
+    g128 = memory.plan(dict(config, quantization={"group_size": 128, "bits": 4}), dtype_bytes=2).weights
+    dense = memory.plan(dict(config, quantization=None), dtype_bytes=2).weights
+    assert g64 < g128 < dense  # at 128 only down_proj (1536 = 12 x 128) is quantized

@@ -40,8 +40,8 @@ def test_logits_match_transformers_on_tiny_random(tiny_dir, tiny):
     assert diff < 1e-4, diff
 
 
-def test_logits_match_transformers_on_smollm2(smollm2_dir):
-    model = load_model(smollm2_dir)
+def test_logits_match_transformers_on_smollm2(smollm2_dir, smollm2):
+    model = smollm2[0]
     assert model.args.tie_word_embeddings and model.args.model_type == "llama"
     ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2]
     # float64 reference: hidden states reach ~25,000 in this model, so fp32 summation order
@@ -52,7 +52,7 @@ def test_logits_match_transformers_on_smollm2(smollm2_dir):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_tokens_match_transformers_on_smollm2(smollm2_dir):
+def test_greedy_tokens_match_transformers_on_smollm2(smollm2_dir, smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -64,7 +64,7 @@ def test_greedy_tokens_match_transformers_on_smollm2(smollm2_dir):
                           eos_token_id=None, pad_token_id=0)
     hf_tokens = out[0, len(ids):].tolist()
 
-    model = load_model(smollm2_dir)
+    model = smollm2[0]
     ours = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=32)]
     assert ours == hf_tokens
     assert "Paris" in tok.decode(ours)

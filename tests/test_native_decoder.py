@@ -1,17 +1,21 @@
-"""The native CPU decoder (one C call per forward) against the MLX-ops path of the same model."""
+"""The native CPU decoder (one C call per forward) against the MLX-ops path of the same model.
+
+Both are backends of one model (`engine.backend.backend_for`): `native` is the model's default
+backend (the decoder), `ref` the same model with native=False (MLX ops)."""
 
 from __future__ import annotations
 
+import fixtures
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 from mlx_mistral.cache import ConversationCache
+from mlx_mistral.engine.backend import NATIVE_ENV, backend_for
 from mlx_mistral.generate import generate_step
 from mlx_mistral.kernels import _build, cpu, cpu_model
-from mlx_mistral.load import load_model
 
 pytestmark = pytest.mark.skipif(_build.compiler() is None, reason="no C compiler to build the native kernels")
 
@@ -20,18 +24,18 @@ PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 3451
 
 
 def quantized_copy(folder, group_size: int, bits: int, fuse: bool = True):
-    """The folder's model quantized here (every Linear and the embedding), and its twin with the
-    native decoder off (MLX ops, the dispatcher's per-matmul kernels) as the reference."""
-    pair = []
-    for native in (True, False):
-        model = load_model(folder, fuse=False)
-        nn.quantize(model, group_size=group_size, bits=bits)
-        if fuse:
-            model.fuse()
-        mx.eval(model.parameters())
-        model.native = native
-        pair.append(model)
-    return pair
+    """The folder's model quantized here (every Linear and the embedding): its native backend,
+    and its MLX-ops backend (the dispatcher's per-matmul kernels) as the reference."""
+    model = fixtures.quantized_model(folder, group_size, bits, fuse)
+    return backend_for(model), backend_for(model, native=False)
+
+
+def greedy(runner, prompt: list[int], n: int, monkeypatch, **kw) -> list[int]:
+    """generate_step's tokens on `runner`'s path (generate_step picks the model's backend)."""
+    with monkeypatch.context() as m:
+        if runner.decoder is None:
+            m.setenv(NATIVE_ENV, "0")
+        return [t for t, _ in generate_step(mx.array(prompt), runner.model, max_tokens=n, **kw)]
 
 
 def scaled_err(got, want) -> float:
@@ -41,7 +45,7 @@ def scaled_err(got, want) -> float:
 
 def run(model, chunks: list[list[int]]) -> list[np.ndarray]:
     """Feed the chunks one after another through one cache; the logits of each."""
-    cache = model.make_cache()
+    cache = model.make_cache()  # model: a backend
     return [np.array(model(mx.array([c]), cache=cache)) for c in chunks]
 
 
@@ -50,9 +54,9 @@ def smollm2_q4(smollm2_dir):
     return quantized_copy(smollm2_dir, 64, 4)
 
 
-def test_smollm2_logits_and_greedy_tokens_match_the_mlx_path(smollm2_q4):
+def test_smollm2_logits_and_greedy_tokens_match_the_mlx_path(smollm2_q4, monkeypatch):
     native, ref = smollm2_q4
-    assert native.native_decoder() is not None and ref.native_decoder() is None
+    assert (native.name, ref.name) == ("native-cpu", "mlx") and ref.decoder is None
     assert type(native.make_cache()[0]) is cpu_model.NativeKVCache
     # prefill (C head for <= 8 rows, MLX head above), then single-token decode steps
     chunks = [PROMPT[:8], PROMPT[8:], [28], [7018], PROMPT[:3]]
@@ -60,9 +64,7 @@ def test_smollm2_logits_and_greedy_tokens_match_the_mlx_path(smollm2_q4):
         assert got.shape == want.shape
         assert scaled_err(got, want) < 1e-4  # hidden states reach ~25,000: the logits' own scale
         assert (got.argmax(-1) == want.argmax(-1)).all()
-    got = [t for t, _ in generate_step(mx.array(PROMPT), native, max_tokens=24)]
-    want = [t for t, _ in generate_step(mx.array(PROMPT), ref, max_tokens=24)]
-    assert got == want
+    assert greedy(native, PROMPT, 24, monkeypatch) == greedy(ref, PROMPT, 24, monkeypatch)
 
 
 def test_long_inputs_run_in_several_native_calls(smollm2_q4, monkeypatch):
@@ -76,7 +78,7 @@ def test_long_inputs_run_in_several_native_calls(smollm2_q4, monkeypatch):
 def test_mistral_quirks_every_format(tiny_dir, group_size, bits, fuse):
     """head_dim 16 (not hidden/heads), 4:1 GQA, theta 1e8, untied head; fused or separate q/k/v."""
     native, ref = quantized_copy(tiny_dir, group_size, bits, fuse)
-    assert native.native_decoder() is not None
+    assert native.decoder is not None
     ids = list(range(5, 45))
     chunks = [ids[:20], ids[20:25], [7], [8], ids[25:]]  # 20 rows: attention through BLAS
     for got, want in zip(run(native, chunks), run(ref, chunks)):
@@ -89,26 +91,25 @@ def test_cache_trim_and_mlx_path_writes_stay_consistent(smollm2_q4):
     native(mx.array([PROMPT]), cache=cache)
     for c in cache:
         c.trim(5)  # speculation and conversation reuse roll back like this
-    native.native = False  # the MLX path appends to the same caches (its own buffers)...
-    native(mx.array([[198, 1]]), cache=cache)
-    native.native = True  # ...and the decoder takes them over again
+    ref(mx.array([[198, 1]]), cache=cache)  # the MLX path appends to the same caches (its own buffers)...
+    # ...and the decoder takes them over again
     got = np.array(native(mx.array([[520]]), cache=cache))
     want = run(ref, [PROMPT[:-5] + [198, 1], [520]])[1]
     assert cache[0].offset == len(PROMPT) - 5 + 3
     assert scaled_err(got, want) < 1e-4
 
 
-def test_conversation_cache_reuses_the_native_prefix(smollm2_q4):
+def test_conversation_cache_reuses_the_native_prefix(smollm2_q4, monkeypatch):
     native, _ = smollm2_q4
-    conv = ConversationCache(native)
-    first = [t for t, _ in conv.follow(PROMPT, generate_step(mx.array(PROMPT), native, max_tokens=4,
+    conv = ConversationCache(native.model)
+    assert type(conv.cache[0]) is cpu_model.NativeKVCache
+    first = [t for t, _ in conv.follow(PROMPT, generate_step(mx.array(PROMPT), native.model, max_tokens=4,
                                                                 prompt_cache=conv.cache))]
     again = PROMPT + first + [2, 198]
     reused = conv.reuse(again)
     assert reused > len(PROMPT)
-    fresh = [t for t, _ in generate_step(mx.array(again), native, max_tokens=6)]
-    cont = [t for t, _ in generate_step(mx.array(again[reused:]), native, max_tokens=6, prompt_cache=conv.cache)]
-    assert cont == fresh
+    fresh = greedy(native, again, 6, monkeypatch)
+    assert greedy(native, again[reused:], 6, monkeypatch, prompt_cache=conv.cache) == fresh
 
 
 def test_state_round_trips_through_plain_kv_caches(smollm2_q4):
@@ -128,29 +129,30 @@ def test_state_round_trips_through_plain_kv_caches(smollm2_q4):
 
 def test_dense_models_and_the_switches_keep_the_mlx_path(tiny, smollm2_q4, monkeypatch):
     model, _ = tiny  # bf16 checkpoint computing in float32, not quantized: nothing native to run
-    assert model.native_decoder() is None
-    assert type(model.make_cache()[0]) is KVCache
+    assert backend_for(model).name == "mlx"
+    assert type(backend_for(model).make_cache()[0]) is KVCache
     native, _ = smollm2_q4
-    monkeypatch.setenv("MLX_MISTRAL_NATIVE_DECODER", "0")
-    native._decoder = None
-    assert native.native_decoder() is None
-    monkeypatch.delenv("MLX_MISTRAL_NATIVE_DECODER")
-    native._decoder = None
-    assert native.native_decoder() is not None
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    assert backend_for(native.model).name == "mlx"
+    assert type(backend_for(native.model).make_cache()[0]) is KVCache
+    monkeypatch.delenv(NATIVE_ENV)
+    assert backend_for(native.model).name == "native-cpu"
 
 
 def test_new_weights_rebuild_the_decoder(smollm2_q4):
     native, _ = smollm2_q4
-    before = native.native_decoder()
-    native.update({})  # load_weights, set_dtype and quantize all go through update
-    assert native._decoder is None
-    assert native.native_decoder() is not before
+    before = native.decoder
+    assert backend_for(native.model).decoder is before  # unchanged weights: the same decoder
+    native.model.load_weights([(k, mx.array(v)) for k, v in tree_flatten(native.model.parameters())])
+    assert backend_for(native.model) is native and native.decoder is not before
 
 
 def test_out_of_range_token_is_a_clear_error(smollm2_q4):
     native, _ = smollm2_q4
     with pytest.raises(ValueError, match="token id out of range"):
         native(mx.array([[49152]]), cache=native.make_cache())
+    with pytest.raises(ValueError, match="token id out of range"):
+        native.decode([5, 49152], [native.make_cache(), native.make_cache()])
 
 
 @pytest.fixture
@@ -184,24 +186,23 @@ def test_a_copied_model_builds_its_own_decoder(smollm2_q4):
     import copy
 
     native, _ = smollm2_q4
-    assert native.native_decoder() is not None
-    draft = copy.deepcopy(native)
+    draft = copy.deepcopy(native.model)
     draft.model.layers = draft.model.layers[:8]  # how benchmarks/speculate.py makes its draft model
-    assert draft._decoder is None
-    assert draft.native_decoder().md.n_layers == 8
-    got = np.array(draft(mx.array([PROMPT[:8]]), cache=draft.make_cache()))
-    draft.native = False
-    want = np.array(draft(mx.array([PROMPT[:8]]), cache=draft.make_cache()))
+    runner, ref = backend_for(draft), backend_for(draft, native=False)
+    assert runner is not native and runner.decoder.md.n_layers == 8
+    got = np.array(runner(mx.array([PROMPT[:8]]), cache=runner.make_cache()))
+    want = np.array(ref(mx.array([PROMPT[:8]]), cache=ref.make_cache()))
     assert scaled_err(got, want) < 1e-4
 
 
-def test_verbose_names_the_forward_path(smollm2_q4):
+def test_verbose_names_the_forward_path(smollm2_q4, monkeypatch):
     from mlx_mistral.load import runtime_summary
 
-    native, ref = smollm2_q4
-    assert runtime_summary(native).endswith("forward: native CPU decoder (one C call per step)")
-    assert runtime_summary(ref).endswith("forward: MLX ops")
-    assert "no --kv-bits" in runtime_summary(native, kv_bits=8)
+    native, _ = smollm2_q4
+    assert runtime_summary(native.model).endswith("forward: native CPU decoder (one C call per step)")
+    assert "no --kv-bits" in runtime_summary(native.model, kv_bits=8)
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    assert runtime_summary(native.model).endswith(f"forward: MLX ops ({NATIVE_ENV}=0)")
 
 
 def test_portable_build_runs_the_decoder_too(smollm2_q4):

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from mlx_mistral import load, stream_generate
 from mlx_mistral.cli import cli
+from mlx_mistral.engine.backend import backend_for
 from mlx_mistral.errors import MistralError
 from mlx_mistral.prompt_cache import (cache_prompt, load_prompt_cache_file, model_fingerprint, peek_prompt_cache,
                                       prefix_ids)
@@ -112,11 +113,11 @@ def test_quantized_model_round_trip_through_the_native_decoder(tiny_q4_dir, tmp_
     """A 4-bit model on the CPU keeps its K/V in the native decoder's caches: the file still
     names mlx-lm's classes, and loading hands the decoder its own kind back."""
     model, tok = load(tiny_q4_dir)
-    if model.native_decoder() is None:
+    if backend_for(model).decoder is None:
         pytest.skip("the native CPU decoder does not run here")
     path = cache_prompt(model, tok, tmp_path / "q4", system=SYSTEM, document=DOCUMENT)
     loaded = load_prompt_cache_file(path, model)
-    assert type(loaded.conversation.cache[0]) is type(model.make_cache()[0])
+    assert type(loaded.conversation.cache[0]) is type(backend_for(model).make_cache()[0])
     messages = loaded.messages("When was it built?")
     reused, last = _tokens(model, tok, messages, prompt_cache=loaded.conversation, tools=loaded.tools)
     fresh, _ = _tokens(model, tok, messages)

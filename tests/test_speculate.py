@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_mistral import generate, stream_generate
-from mlx_mistral.cache import QuantizedKVCache
+from mlx_mistral.cache import QuantizedKVCache, make_cache
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.errors import MistralError
 from mlx_mistral.generate import encode_prompt, generate_step
@@ -71,7 +71,7 @@ def test_lookup_keeps_the_cache_in_step():
     """After speculation with rollbacks the cache holds exactly prompt + reply (less the last
     token), so a second call continues the text as plain decoding would."""
     model = random_model(0)
-    cache = model.make_cache()
+    cache = make_cache(model)
     first = lookup(REPEATING, model, 20, prompt_cache=cache)
     assert cache[0].offset == len(REPEATING) + 20 - 1
     more = lookup(first[-1:], model, 12, prompt_cache=cache)
@@ -81,7 +81,7 @@ def test_lookup_keeps_the_cache_in_step():
 def test_stopping_early_rolls_back_unused_drafts():
     model = random_model(0)
     for taken in (1, 5, 9):
-        cache = model.make_cache()
+        cache = make_cache(model)
         steps = lookup_generate_step(mx.array(REPEATING), model, max_tokens=40, prompt_cache=cache)
         got = [t for _, (t, _) in zip(range(taken), steps)]
         steps.close()  # as stream_generate does at an end-of-sequence id

@@ -31,7 +31,7 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
     from rich.console import Console
 
     from ..bench import BenchConfig, benchmark, peak_bandwidth
-    from ..generate import generate_step
+    from ..generate import engine_generate_step
     from ..load import load_model, resolve
     from .bench_view import live_progress, result_header, result_table
 
@@ -43,7 +43,7 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
     with console.status("measuring peak memory bandwidth"):
         peak = peak_bandwidth(peak_gbps)
     with live_progress("mlx-mistral", num_trials, console) as listener:
-        result = benchmark(generate_step, m, model_name=folder.name, runtime="mlx-mistral",
+        result = benchmark(engine_generate_step, m, model_name=folder.name, runtime="mlx-mistral",
                            vocab_size=m.args.vocab_size, config=config, peak=peak, listener=listener)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

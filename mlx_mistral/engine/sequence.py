@@ -69,6 +69,16 @@ class StopMatcher:
         return out
 
 
+class _NoText:
+    """The detokenizer of an engine without a tokenizer (benchmarks feed and read ids only)."""
+
+    def add_token(self, token: int) -> str:
+        return ""
+
+    def finalize(self) -> str:
+        return ""
+
+
 class Stream:
     """What a caller holds for a submitted request: its responses, in order, and a way to stop it.
 
@@ -112,9 +122,9 @@ class Sequence:
         if constraint is not None:  # last, so no later processor can re-allow a masked token
             self.processors.append(constraint)
         self.history = mx.array(self.prompt, dtype=mx.int32)  # what the processors look back over
-        self.detok = tokenizer.detokenizer()
+        self.detok = tokenizer.detokenizer() if tokenizer is not None else _NoText()
         self.stops = StopMatcher(request.stop)
-        self.eos = set() if request.ignore_eos else set(tokenizer.eos_token_ids)
+        self.eos = set() if request.ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
         self.generated: list[int] = []
         self.finish_reason: Optional[str] = None
         self.speculative = None  # the speculative loop's generator when this reply speculates

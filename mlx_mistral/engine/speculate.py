@@ -155,6 +155,33 @@ class ModelDrafter:
 # --- the verification loop -----------------------------------------------------------------------
 
 
+def _verify(run, cache, sampler: Sampler, processors: Optional[list[LogitsProcessor]], history: mx.array,
+            y: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
+    """Target tokens and log-probabilities after y and after each draft, (1+d,), (1+d, vocab)."""
+    inputs = mx.concatenate([y, drafts])  # (1+d,)
+    logits = run(inputs[None], cache)[0]  # (1+d, vocab)
+    if processors:
+        rows = []
+        for i in range(inputs.size):
+            # row i continues history + inputs[:i+1] (the first y already is in history)
+            seen = mx.concatenate([history, inputs[1 : i + 1]]) if i else history
+            row = logits[i : i + 1]
+            for processor in processors:
+                row = processor(seen, row)
+            rows.append(row)
+        logits = mx.concatenate(rows)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs
+
+
+def _accepted(drafts: list[int], tokens: list[int]) -> int:
+    """How many leading drafts the target model agreed with."""
+    n = 0
+    while n < len(drafts) and tokens[n] == drafts[n]:
+        n += 1
+    return n
+
+
 def _speculative_loop(
     prompt: mx.array,
     model,
@@ -181,24 +208,6 @@ def _speculative_loop(
     sampler = sampler or greedy
     prompt = prompt.astype(mx.int32)
     history = prompt  # ids the logits processors look back over, (L,)
-
-    def verify(y: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
-        """Target tokens and log-probabilities after y and after each draft, (1+d,), (1+d, vocab)."""
-        inputs = mx.concatenate([y, drafts])  # (1+d,)
-        logits = run(inputs[None], cache)[0]  # (1+d, vocab)
-        if logits_processors:
-            rows = []
-            for i in range(inputs.size):
-                # row i continues history + inputs[:i+1] (the first y already is in history)
-                seen = mx.concatenate([history, inputs[1 : i + 1]]) if i else history
-                row = logits[i : i + 1]
-                for processor in logits_processors:
-                    row = processor(seen, row)
-                rows.append(row)
-            logits = mx.concatenate(rows)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs
-
     with mx.stream(generation_stream):
         prefill(model, prompt[:-1], cache, prefill_step_size, progress)
         drafter = make_drafter(prompt)
@@ -209,15 +218,13 @@ def _speculative_loop(
             while ntoks < max_tokens:
                 k = min(num_draft, max_tokens - ntoks - 1)
                 drafts = drafter.propose(k) if k > 0 else mx.array([], dtype=mx.int32)
-                tokens, logprobs = verify(y, drafts)
+                tokens, logprobs = _verify(run, cache, sampler, logits_processors, history, y, drafts)
                 mx.eval(tokens, logprobs, drafts)
-                draft_list, token_list = drafts.tolist(), tokens.tolist()
-                n = 0
-                while n < len(draft_list) and token_list[n] == draft_list[n]:
-                    n += 1
-                # keep y and the n accepted drafts; token_list[n] is new and not yet in the cache
+                draft_list = drafts.tolist()
+                n = _accepted(draft_list, tokens.tolist())
+                # keep y and the n accepted drafts; the token after them is new and not yet cached
                 trim_prompt_cache(cache, len(draft_list) - n)
-                emitted = token_list[: n + 1]
+                emitted = tokens.tolist()[: n + 1]
                 drafter.update(draft_list, n, emitted)
                 if logits_processors:
                     history = mx.concatenate([history, mx.array(emitted, dtype=mx.int32)])

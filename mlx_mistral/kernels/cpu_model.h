@@ -1,12 +1,15 @@
 /* The decoder stack on the CPU in one call (included by cpu_qmm.c, after cpu_pool.h).
  *
- * Per call, M tokens at positions offset .. offset + M - 1 go through every block:
+ * Per call, M rows go through every block; row m is one token of sequence seq[m] at position
+ * pos[m] (a prefill chunk: one sequence at consecutive positions; a batched decode step: M
+ * sequences of one token each, at their own lengths):
  *   x += o(attention(rope(q), rope(k) -> cache, v -> cache))   of rmsnorm(x)
  *   x += down(silu(gate) * up)                                   of rmsnorm(x)
- * then the final RMSNorm and, if asked, the output head. The matmuls are the kernels above; the
- * K/V cache is mlx-lm's KVCache layout (n_kv, capacity, head_dim) in fp32, written in place.
- * Attention runs one (head, query) pair per chunk on the pool for a few queries, and through
- * the process's BLAS (scores, then values) per head for prefill-sized blocks.
+ * then the final RMSNorm and, if asked, the output head. The matmuls are the kernels above and
+ * read each weight once for all M rows; the K/V caches are mlx-lm's KVCache layout
+ * (n_kv, capacity, head_dim) in fp32, one per (sequence, layer), written in place. Attention
+ * runs one (head, row) pair per chunk on the pool, over the row's own sequence and length, and
+ * through the process's BLAS (scores, then values) per head for prefill-sized blocks.
  *
  * Why one call: MLX's CPU backend spends 7-40 us per op, and a block is ~15 ops, so a small
  * model's decode step is dominated by op overhead rather than by reading its weights.
@@ -93,9 +96,15 @@ static void rope_row(float* r, int64_t ld_head, int64_t heads, int64_t hd, const
     }
 }
 
+/* Rows m = 0 .. M-1 of a call: row m is sequence seq[m]'s token at position pos[m]. A prefill
+ * chunk is one sequence with consecutive positions; a batched decode step is M sequences of one
+ * row each. kc/vc/caps: per (sequence, layer) at s * n_layers + l. */
 typedef struct attn_args {
-    const float *q, *kc, *vc;  /* q rows (M, q_ld); caches (n_kv, cap, hd) */
-    int64_t q_ld, M, offset, cap, hd, n_heads, n_kv;
+    const float* q;  /* q rows (M, q_ld) */
+    float* const* kc;  /* this layer's (n_kv, cap, hd) caches, one per sequence */
+    float* const* vc;
+    const int64_t *caps, *pos, *seq;
+    int64_t q_ld, M, hd, n_heads, n_kv;
     float scale;
     float* out;  /* (M, n_heads * hd) */
 } attn_args;
@@ -109,13 +118,13 @@ static void softmax_inplace(float* s, int64_t n) {
     for (int64_t j = 0; j < n; j++) s[j] *= inv;
 }
 
-/* one (head, query) pair: chunk i = h * M + m */
+/* one (head, row) pair: chunk i = h * M + m; the row sees its own sequence's first pos + 1 keys */
 static void attn_chunk(const void* p, int64_t i) {
     const attn_args* a = p;
-    int64_t h = i / a->M, m = i % a->M, hd = a->hd, L = a->offset + m + 1;
-    int64_t g = h / (a->n_heads / a->n_kv);
+    int64_t h = i / a->M, m = i % a->M, hd = a->hd, L = a->pos[m] + 1, s_ = a->seq[m];
+    int64_t g = h / (a->n_heads / a->n_kv), cap = a->caps[s_];
     const float* q = a->q + m * a->q_ld + h * hd;
-    const float *K = a->kc + g * a->cap * hd, *V = a->vc + g * a->cap * hd;
+    const float *K = a->kc[s_] + g * cap * hd, *V = a->vc[s_] + g * cap * hd;
     float* s = malloc((size_t)L * sizeof(float));
     for (int64_t j = 0; j < L; j++) s[j] = dot_any(q, K + j * hd, hd) * a->scale;
     softmax_inplace(s, L);
@@ -129,19 +138,21 @@ static void attn_chunk(const void* p, int64_t i) {
     free(s);
 }
 
-/* prefill-sized blocks: per head, scores = q K^T and out = P V through sgemm */
+/* prefill-sized blocks of ONE sequence at consecutive positions: per head, scores = q K^T and
+ * out = P V through sgemm */
 static void attn_blas(const attn_args* a) {
-    int64_t hd = a->hd, rep = a->n_heads / a->n_kv, Lmax = a->offset + a->M;
+    int64_t hd = a->hd, rep = a->n_heads / a->n_kv, offset = a->pos[0], cap = a->caps[0];
+    int64_t Lmax = offset + a->M;
     float* s = malloc((size_t)(ATTN_ROW_BLOCK * Lmax) * sizeof(float));
     for (int64_t h = 0; h < a->n_heads; h++) {
-        const float *K = a->kc + (h / rep) * a->cap * hd, *V = a->vc + (h / rep) * a->cap * hd;
+        const float *K = a->kc[0] + (h / rep) * cap * hd, *V = a->vc[0] + (h / rep) * cap * hd;
         for (int64_t m0 = 0; m0 < a->M; m0 += ATTN_ROW_BLOCK) {
             int64_t mb = a->M - m0 < ATTN_ROW_BLOCK ? a->M - m0 : ATTN_ROW_BLOCK;
-            int64_t L = a->offset + m0 + mb;  /* keys the block's last query sees */
+            int64_t L = offset + m0 + mb;  /* keys the block's last query sees */
             g_sgemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int)mb, (int)L, (int)hd, a->scale,
                     a->q + m0 * a->q_ld + h * hd, (int)a->q_ld, K, (int)hd, 0.0f, s, (int)L);
             for (int64_t r = 0; r < mb; r++) {
-                int64_t valid = a->offset + m0 + r + 1;
+                int64_t valid = offset + m0 + r + 1;
                 softmax_inplace(s + r * L, valid);
                 memset(s + r * L + valid, 0, (size_t)(L - valid) * sizeof(float));
             }
@@ -152,94 +163,156 @@ static void attn_blas(const attn_args* a) {
     free(s);
 }
 
-/* x (M, H): the inputs' embeddings in, the final-normed hidden states out. kc/vc: per layer,
- * (n_kv, caps[l], hd) fp32 caches whose first `offset` positions hold the earlier tokens; this
- * call writes positions offset .. offset + M - 1. logits (M, head.N) if the model has a head
- * here and logits is not NULL. Returns 0, or -1 for a format the kernels do not cover. */
-int mm_model_forward(const mm_model* md, float* x, int64_t M, int64_t offset, float* const* kc,
-                     float* const* vc, const int64_t* caps, float* logits) {
-    pick_kernels();
-    if (md->n_heads % md->n_kv != 0 || md->head_dim % 2 != 0) return -1;
-    for (int64_t l = 0; l < md->n_layers; l++)
-        if (offset + M > caps[l]) return -1;
-    int64_t H = md->H, hd = md->head_dim, half = hd / 2, F = md->F;
-    int64_t nq = md->n_heads * hd, nkv = md->n_kv * hd, nqkv = nq + 2 * nkv;
-    int64_t inner = nq > H ? nq : H;
-    float* xn = malloc((size_t)(M * inner) * sizeof(float));
-    float* qkv = malloc((size_t)(M * nqkv) * sizeof(float));
-    float* att = malloc((size_t)(M * nq) * sizeof(float));
-    float* gu = malloc((size_t)(M * 2 * F) * sizeof(float));
-    float* cs = malloc((size_t)(M * hd) * sizeof(float));  /* cos, sin per row */
-    int rc = 0;
-    for (int64_t m = 0; m < M; m++) {  /* as MLX's rope: inv_freq = base^(-i/half), theta = pos * inv_freq */
-        float step = (float)(-log((double)md->rope_base) / (double)half);
+/* cos then sin of each row's own position: cs (M, hd). As MLX's rope: inv_freq = base^(-i/half) */
+static void rope_table(const mm_model* md, const int64_t* pos, int64_t M, float* cs) {
+    int64_t hd = md->head_dim, half = hd / 2;
+    float step = (float)(-log((double)md->rope_base) / (double)half);
+    for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < half; i++) {
-            float th = (float)(offset + m) * expf((float)i * step);
+            float th = (float)pos[m] * expf((float)i * step);
             cs[m * hd + i] = cosf(th);
             cs[m * hd + half + i] = sinf(th);
         }
+}
+
+typedef struct fwd_scratch {
+    float *xn, *qkv, *att, *gu, *cs;
+    float **kl, **vl;  /* this layer's cache of each sequence */
+    int64_t* capl;
+} fwd_scratch;
+
+typedef struct fwd_rows {
+    int64_t M, n_seq;
+    const int64_t *pos, *seq;  /* per row */
+    float* const *kc, *const *vc;  /* per (sequence, layer): s * n_layers + l */
+    const int64_t* caps;
+} fwd_rows;
+
+/* x += o(attention(...)) of rmsnorm(x) for layer l: q/k/v, RoPE, K/V into each row's own cache */
+static int attention_block(const mm_model* md, int64_t l, float* x, const fwd_rows* r, fwd_scratch* t) {
+    const mm_layer* L = &md->layers[l];
+    int64_t M = r->M, H = md->H, hd = md->head_dim, half = hd / 2;
+    int64_t nq = md->n_heads * hd, nkv = md->n_kv * hd, nqkv = nq + 2 * nkv;
+    rms_norm_rows(x, L->attn_norm, M, H, md->eps, t->xn);
+    const float *q, *k, *v;
+    int64_t q_ld, k_ld, v_ld;
+    int rc;
+    if (L->n_qkv == 1) {
+        rc = mat_mul(t->xn, M, &L->qkv[0], t->qkv);
+        q = t->qkv, k = t->qkv + nq, v = t->qkv + nq + nkv, q_ld = k_ld = v_ld = nqkv;
+    } else {
+        float* ys[3] = {t->qkv, t->qkv + M * nq, t->qkv + M * (nq + nkv)};
+        rc = mats_mul(t->xn, M, L->qkv, 3, ys);
+        q = ys[0], k = ys[1], v = ys[2], q_ld = nq, k_ld = v_ld = nkv;
     }
+    if (rc != 0) return rc;
+    for (int64_t s = 0; s < r->n_seq; s++) {
+        t->kl[s] = r->kc[s * md->n_layers + l], t->vl[s] = r->vc[s * md->n_layers + l];
+        t->capl[s] = r->caps[s * md->n_layers + l];
+    }
+    int64_t bytes = 0;
+    for (int64_t m = 0; m < M; m++) {
+        int64_t s = r->seq[m], cap = t->capl[s], p = r->pos[m];
+        rope_row((float*)q + m * q_ld, hd, md->n_heads, hd, t->cs + m * hd, t->cs + m * hd + half);
+        rope_row((float*)k + m * k_ld, hd, md->n_kv, hd, t->cs + m * hd, t->cs + m * hd + half);
+        for (int64_t g = 0; g < md->n_kv; g++) {
+            memcpy(t->kl[s] + (g * cap + p) * hd, k + m * k_ld + g * hd, (size_t)hd * sizeof(float));
+            memcpy(t->vl[s] + (g * cap + p) * hd, v + m * v_ld + g * hd, (size_t)hd * sizeof(float));
+        }
+        bytes += (p + 1) * nkv * 2 * (int64_t)sizeof(float);
+    }
+    attn_args aa = {q, t->kl, t->vl, t->capl, r->pos, r->seq, q_ld, M, hd, md->n_heads, md->n_kv, md->scale, t->att};
+    if (r->n_seq == 1 && M >= ATTN_BLAS_MIN_ROWS && g_sgemm)
+        attn_blas(&aa);
+    else
+        run_job(attn_chunk, &aa, md->n_heads * M, bytes);
+    rc = mat_mul(t->att, M, &L->o, t->xn);
+    if (rc != 0) return rc;
+    for (int64_t i = 0; i < M * H; i++) x[i] += t->xn[i];
+    return 0;
+}
+
+/* x += down(silu(gate) * up) of rmsnorm(x) for layer l */
+static int mlp_block(const mm_model* md, int64_t l, float* x, int64_t M, fwd_scratch* t) {
+    const mm_layer* L = &md->layers[l];
+    int64_t H = md->H, F = md->F;
+    rms_norm_rows(x, L->mlp_norm, M, H, md->eps, t->xn);
+    float *gu = t->gu, *gate = gu, *up = gu + F;
+    int64_t ld = 2 * F;
+    int rc;
+    if (L->n_gu == 1) {
+        rc = mat_mul(t->xn, M, &L->gu[0], gu);
+    } else {
+        float* ys[2] = {gu, gu + M * F};
+        rc = mats_mul(t->xn, M, L->gu, 2, ys);
+        up = gu + M * F, ld = F;
+    }
+    if (rc != 0) return rc;
+    for (int64_t m = 0; m < M; m++)  /* silu(gate) * up, written over the gate half in place */
+        for (int64_t f = 0; f < F; f++) {
+            float g = gate[m * ld + f];
+            gu[m * F + f] = g / (1.0f + expf(-g)) * up[m * ld + f];
+        }
+    rc = mat_mul(gu, M, &L->down, t->xn);
+    if (rc != 0) return rc;
+    for (int64_t i = 0; i < M * H; i++) x[i] += t->xn[i];
+    return 0;
+}
+
+/* x (M, H): the rows' embeddings in, the final-normed hidden states out; every row's K/V written
+ * at its own position. logits (M, head.N) if the model has a head here and logits is not NULL.
+ * Returns 0, or -1 for a format the kernels do not cover or a cache too small. */
+static int forward_rows(const mm_model* md, float* x, const fwd_rows* r, float* logits) {
+    pick_kernels();
+    if (md->n_heads % md->n_kv != 0 || md->head_dim % 2 != 0) return -1;
+    for (int64_t m = 0; m < r->M; m++)
+        for (int64_t l = 0; l < md->n_layers; l++)
+            if (r->seq[m] < 0 || r->seq[m] >= r->n_seq || r->pos[m] < 0 ||
+                r->pos[m] + 1 > r->caps[r->seq[m] * md->n_layers + l])
+                return -1;
+    int64_t M = r->M, H = md->H, hd = md->head_dim, F = md->F;
+    int64_t nq = md->n_heads * hd, nqkv = nq + 2 * md->n_kv * hd, inner = nq > H ? nq : H;
+    fwd_scratch t = {malloc((size_t)(M * inner) * sizeof(float)), malloc((size_t)(M * nqkv) * sizeof(float)),
+                     malloc((size_t)(M * nq) * sizeof(float)), malloc((size_t)(M * 2 * F) * sizeof(float)),
+                     malloc((size_t)(M * hd) * sizeof(float)), malloc((size_t)r->n_seq * sizeof(float*)),
+                     malloc((size_t)r->n_seq * sizeof(float*)), malloc((size_t)r->n_seq * sizeof(int64_t))};
+    rope_table(md, r->pos, M, t.cs);
+    int rc = 0;
     for (int64_t l = 0; l < md->n_layers && rc == 0; l++) {
-        const mm_layer* L = &md->layers[l];
-        /* attention */
-        rms_norm_rows(x, L->attn_norm, M, H, md->eps, xn);
-        const float *q, *k, *v;
-        int64_t q_ld, k_ld, v_ld;
-        if (L->n_qkv == 1) {
-            rc = mat_mul(xn, M, &L->qkv[0], qkv);
-            q = qkv, k = qkv + nq, v = qkv + nq + nkv, q_ld = k_ld = v_ld = nqkv;
-        } else {
-            float* ys[3] = {qkv, qkv + M * nq, qkv + M * (nq + nkv)};
-            rc = mats_mul(xn, M, L->qkv, 3, ys);
-            q = ys[0], k = ys[1], v = ys[2], q_ld = nq, k_ld = v_ld = nkv;
-        }
-        if (rc != 0) break;
-        float *K = kc[l], *V = vc[l];
-        int64_t cap = caps[l];
-        for (int64_t m = 0; m < M; m++) {
-            rope_row((float*)q + m * q_ld, hd, md->n_heads, hd, cs + m * hd, cs + m * hd + half);
-            rope_row((float*)k + m * k_ld, hd, md->n_kv, hd, cs + m * hd, cs + m * hd + half);
-            for (int64_t g = 0; g < md->n_kv; g++) {
-                memcpy(K + (g * cap + offset + m) * hd, k + m * k_ld + g * hd, (size_t)hd * sizeof(float));
-                memcpy(V + (g * cap + offset + m) * hd, v + m * v_ld + g * hd, (size_t)hd * sizeof(float));
-            }
-        }
-        attn_args aa = {q, K, V, q_ld, M, offset, cap, hd, md->n_heads, md->n_kv, md->scale, att};
-        if (M >= ATTN_BLAS_MIN_ROWS && g_sgemm)
-            attn_blas(&aa);
-        else
-            run_job(attn_chunk, &aa, md->n_heads * M, (offset + M) * nkv * 2 * (int64_t)sizeof(float));
-        rc = mat_mul(att, M, &L->o, xn);
-        if (rc != 0) break;
-        for (int64_t i = 0; i < M * H; i++) x[i] += xn[i];
-        /* MLP */
-        rms_norm_rows(x, L->mlp_norm, M, H, md->eps, xn);
-        float* gate = gu;
-        float* up = gu + F;
-        int64_t ld = 2 * F;
-        if (L->n_gu == 1) {
-            rc = mat_mul(xn, M, &L->gu[0], gu);
-        } else {
-            float* ys[2] = {gu, gu + M * F};
-            rc = mats_mul(xn, M, L->gu, 2, ys);
-            up = gu + M * F, ld = F;
-        }
-        if (rc != 0) break;
-        for (int64_t m = 0; m < M; m++)  /* silu(gate) * up, written over the gate half in place */
-            for (int64_t f = 0; f < F; f++) {
-                float g = gate[m * ld + f];
-                gu[m * F + f] = g / (1.0f + expf(-g)) * up[m * ld + f];
-            }
-        rc = mat_mul(gu, M, &L->down, xn);
-        if (rc != 0) break;
-        for (int64_t i = 0; i < M * H; i++) x[i] += xn[i];
+        rc = attention_block(md, l, x, r, &t);
+        if (rc == 0) rc = mlp_block(md, l, x, M, &t);
     }
     if (rc == 0) {
-        rms_norm_rows(x, md->final_norm, M, H, md->eps, xn);
-        memcpy(x, xn, (size_t)(M * H) * sizeof(float));
+        rms_norm_rows(x, md->final_norm, M, H, md->eps, t.xn);
+        memcpy(x, t.xn, (size_t)(M * H) * sizeof(float));
         if (logits && md->head.w) rc = mat_mul(x, M, &md->head, logits);
     }
-    free(xn), free(qkv), free(att), free(gu), free(cs);
+    free(t.xn), free(t.qkv), free(t.att), free(t.gu), free(t.cs), free(t.kl), free(t.vl), free(t.capl);
+    return rc;
+}
+
+/* One sequence, M tokens at positions offset .. offset + M - 1. kc/vc/caps: per layer, fp32
+ * (n_kv, caps[l], hd) caches whose first `offset` positions hold the earlier tokens. */
+int mm_model_forward(const mm_model* md, float* x, int64_t M, int64_t offset, float* const* kc,
+                     float* const* vc, const int64_t* caps, float* logits) {
+    int64_t* rows = malloc((size_t)(2 * M) * sizeof(int64_t));
+    for (int64_t m = 0; m < M; m++) rows[m] = offset + m, rows[M + m] = 0;
+    fwd_rows r = {M, 1, rows, rows + M, kc, vc, caps};
+    int rc = forward_rows(md, x, &r, logits);
+    free(rows);
+    return rc;
+}
+
+/* B sequences, one token each (a batched decode step): row b is sequence b's token at pos[b].
+ * The weights are read once for all B rows; attention runs per (row, head) over that row's own
+ * pos[b] + 1 keys. kc/vc/caps: per (sequence, layer) at b * n_layers + l. */
+int mm_model_decode(const mm_model* md, float* x, int64_t B, const int64_t* pos, float* const* kc,
+                    float* const* vc, const int64_t* caps, float* logits) {
+    int64_t* seq = malloc((size_t)B * sizeof(int64_t));
+    for (int64_t b = 0; b < B; b++) seq[b] = b;
+    fwd_rows r = {B, B, pos, seq, kc, vc, caps};
+    int rc = forward_rows(md, x, &r, logits);
+    free(seq);
     return rc;
 }
 

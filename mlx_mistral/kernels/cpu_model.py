@@ -14,16 +14,19 @@ buffers the C code writes in place. Everything else keeps working on it unchange
 a forward ever takes the MLX path (which marks the buffers foreign, so the next native call
 copies them into fresh ones of its own).
 
-The decoder is built at the model's first forward and rebuilt after its weights change through
-`Module.update`/`update_modules` (load_weights, set_dtype, quantize) or `fuse()`; a copy of the
-model builds its own. `Model.native = False` turns the decoder off for one model,
-MLX_MISTRAL_NATIVE_DECODER=0 for the process.
+A batched decode step (`decode`) runs B sequences of one token each as the B rows of one call:
+the weights are read once for all rows, each row's RoPE and K/V write use its own position, and
+attention runs per (row, head) over that row's own cache.
+
+The decoder is owned by the engine's backend (`engine/backend.py`), which builds it for a model,
+rebuilds it when the model's weights change, and decides when it runs (CPU backend, supported
+formats, MLX_MISTRAL_NATIVE_DECODER != "0").
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -159,9 +162,12 @@ class NativeDecoder:
         self.head = head
         self.md = md
         self.model = model
+        self.n_layers = len(model.layers)
         self.lib = cpu._library()[0]
         self.lib.mm_model_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.mm_model_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self.lib.mm_embed.argtypes = [ctypes.POINTER(_Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 
     @staticmethod
@@ -192,14 +198,18 @@ class NativeDecoder:
         return _Mat(p.w, p.scales, p.biases, p.N, p.K, p.dtype, p.group_size, p.bits)
 
     @staticmethod
-    def accepts(tokens: mx.array, cache: Optional[list]) -> bool:
-        return tokens.ndim == 2 and tokens.shape[0] == 1 and tokens.shape[1] > 0 and (
-            cache is None or all(type(c) is NativeKVCache for c in cache))
+    def owns(cache: Optional[list]) -> bool:
+        """Whether `cache` (one sequence's per-layer caches) is the decoder's own kind."""
+        return cache is None or all(type(c) is NativeKVCache for c in cache)
 
-    def _embed(self, tokens: mx.array, ids: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def accepts(tokens: mx.array, cache: Optional[list]) -> bool:
+        return tokens.ndim == 2 and tokens.shape[0] == 1 and tokens.shape[1] > 0 and NativeDecoder.owns(cache)
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
         x = np.empty((ids.size, self.args.hidden_size), np.float32)
         if self.embed is None:
-            x[:] = np.asarray(self.model.model.embed_tokens(tokens[0]).astype(mx.float32))
+            x[:] = np.asarray(self.model.model.embed_tokens(mx.array(ids)).astype(mx.float32))
         elif self.lib.mm_embed(ctypes.byref(self.embed), ids.ctypes.data, ids.size, x.ctypes.data) != 0:
             raise ValueError(f"token id out of range 0..{self.args.vocab_size - 1}")
         return x
@@ -207,7 +217,7 @@ class NativeDecoder:
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         """logits (1, T, vocab) of `tokens` (1, T), appending their K/V to `cache`."""
         args = self.args
-        cache = cache if cache is not None else [NativeKVCache() for _ in self.model.layers]
+        cache = cache if cache is not None else [NativeKVCache() for _ in range(self.n_layers)]
         ids = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int32)
         T = ids.size
         offset = cache[0].offset
@@ -217,7 +227,7 @@ class NativeDecoder:
         kp = (ctypes.c_void_p * len(cache))(*[v[0].ctypes.data for v in views])
         vp = (ctypes.c_void_p * len(cache))(*[v[1].ctypes.data for v in views])
         caps = (ctypes.c_int64 * len(cache))(*[v[0].shape[2] for v in views])
-        x = self._embed(tokens, ids)
+        x = self._embed(ids)
         want_logits = T <= HEAD_ROWS and self.has_head
         logits = np.empty((T, args.vocab_size), np.float32) if want_logits else None
         for start in range(0, T, MAX_ROWS):
@@ -232,6 +242,39 @@ class NativeDecoder:
         if want_logits:
             return mx.array(logits)[None]
         return self._lazy_head(mx.array(x)[None])
+
+    def decode(self, ids: Sequence[int], caches: Sequence[list]) -> mx.array:
+        """logits (B, vocab): row b is sequence b's next-token logits after its input `ids[b]`,
+        whose K/V is appended to `caches[b]` (sequences may hold different lengths)."""
+        args, B, n_layers = self.args, len(ids), self.n_layers
+        if len(caches) != B:
+            raise ValueError(f"{B} tokens but {len(caches)} caches")
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
+        pos = np.empty(B, np.int64)
+        views = []
+        for b, cache in enumerate(caches):
+            pos[b] = cache[0].offset
+            if any(c.offset != pos[b] for c in cache):
+                raise ValueError("the layers' caches hold different numbers of tokens")
+            views += [c.reserve(args.num_key_value_heads, args.head_dim, int(pos[b]) + 1) for c in cache]
+        kp = (ctypes.c_void_p * len(views))(*[v[0].ctypes.data for v in views])  # (B, n_layers)
+        vp = (ctypes.c_void_p * len(views))(*[v[1].ctypes.data for v in views])
+        caps = (ctypes.c_int64 * len(views))(*[v[0].shape[2] for v in views])
+        x = self._embed(ids)
+        logits = np.empty((B, args.vocab_size), np.float32) if self.has_head else None
+        for start in range(0, B, MAX_ROWS):  # bounds the call's scratch, as prefill chunks do
+            rows, at = min(MAX_ROWS, B - start), start * n_layers
+            ptr = [ctypes.addressof(a) + at * 8 for a in (kp, vp, caps)]  # 8: bytes per pointer and per int64
+            rc = self.lib.mm_model_decode(ctypes.byref(self.md), x[start:].ctypes.data, rows, pos[start:].ctypes.data,
+                                          *ptr, logits[start:].ctypes.data if logits is not None else None)
+            if rc != 0:
+                raise ValueError("the native decoder does not support this model's format")
+        for cache in caches:
+            for c in cache:
+                c.offset += 1
+        if logits is not None:
+            return mx.array(logits)
+        return self._lazy_head(mx.array(x)[None])[0]
 
     def _lazy_head(self, h: mx.array) -> mx.array:
         """Logits of many rows as a lazy MLX graph: a prefill chunk's are never evaluated."""

@@ -10,11 +10,17 @@ Backends: Metal GPU, CUDA GPU, else MLX's CPU backend. Implementations:
   and multiply with BLAS: MLX's CPU quantized matmul costs the same per input row as a whole
   GEMV (no reuse across rows), so from a few dozen rows on BLAS wins, by ~10x at 256 rows.
 - "mlx": `mx.quantized_matmul`, the fallback for everything else.
+
+A GPU kernel is used only once proven in this process: at its first use for a (backend, kernel,
+dtype, bits, group size), it runs on a small shape against `mx.quantized_matmul`; a build error
+or a mismatch is one warning and MLX's own op for the rest of the process, so no machine gets a
+crash or wrong logits from a kernel that was never run there.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -27,16 +33,34 @@ from . import cuda, gpu, metal
 CPU_DEQUANT_MIN_M = 32  # input rows from which dequantize + BLAS clearly beats MLX's CPU qmm
 DEQUANT_BLOCK_ROWS = 4096  # bounds the fp32 dequantized block: 4096 x 5120 x 4 B = 84 MB
 _GPU_SOURCES = {"metal": metal, "cuda": cuda}
+# (backend, op, dtype, bits, group size) -> whether that kernel matched MLX here: filled at first
+# use, never cleared (a kernel that failed once is not retried in the same process)
+PROVEN: dict[tuple, bool] = {}
+PROBE_ROWS, PROBE_OUT, PROBE_IN = 3, 64, 1024  # several input rows, 8 threadgroups, 2 simdgroup steps
+PROBE_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}  # of the largest |output|
 
 
-@functools.cache
 def backend() -> str:
-    """"metal", "cuda" or "cpu": where MLX runs arrays in this process."""
-    if mx.metal.is_available():
-        return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
+    """"metal", "cuda" or "cpu": where MLX computes by default in this process. The one answer
+    to "which backend" for the whole package (kernels, compute dtype, the engine's backends,
+    benchmarks)."""
+    if mx.default_device() == mx.gpu:
+        return "metal" if mx.metal.is_available() else "cuda"
     return "cpu"
+
+
+def compute_dtype(model=None) -> Optional[mx.Dtype]:
+    """The dtype activations are computed in; the one answer for the whole package.
+
+    Without a model, the loading policy: float32 on MLX's CPU backend (its quantized matmul is
+    ~10x faster in float32 than in bfloat16), None on GPUs (keep the checkpoint's
+    float16/bfloat16). With a model: the dtype of its floating parameters, which its forward
+    computes in."""
+    if model is None:
+        return mx.float32 if backend() == "cpu" else None
+    from mlx.utils import tree_flatten
+
+    return next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)), None)
 
 
 @functools.cache
@@ -66,7 +90,8 @@ def choose(op: str, x: mx.array, w: mx.array, scales: mx.array, group_size: int,
     rows = x.size // x.shape[-1]
     where = backend()
     if where in _GPU_SOURCES:
-        if gpu.covers(x, w, scales, group_size, bits, mode) and (op == "gate_up_silu" or rows > 1):
+        if (gpu.covers(x, w, scales, group_size, bits, mode) and (op == "gate_up_silu" or rows > 1)
+                and proven(where, op, x.dtype, bits, group_size)):
             return where
         return "mlx"
     if mode != "affine":
@@ -76,6 +101,42 @@ def choose(op: str, x: mx.array, w: mx.array, scales: mx.array, group_size: int,
     if cpu_kernels() is not None:
         return "cpu"
     return "mlx"
+
+
+def proven(where: str, op: str, dtype: mx.Dtype, bits: int, group_size: int) -> bool:
+    """Whether our `op` kernel on `where` matches `mx.quantized_matmul` for this dtype, bits and
+    group size; checked once per process, on a small shape, the first time it is asked."""
+    key = (where, op, dtype, bits, group_size)
+    if key not in PROVEN:
+        problem = _probe(_GPU_SOURCES[where], op, dtype, bits, group_size)
+        PROVEN[key] = problem is None
+        if problem:
+            warnings.warn(f"mlx-mistral: our {where} {op} kernel ({dtype}, {bits}-bit, group {group_size}) {problem}; "
+                          "using MLX's quantized matmul instead", RuntimeWarning, stacklevel=2)
+    return PROVEN[key]
+
+
+def _probe(source: ModuleType, op: str, dtype: mx.Dtype, bits: int, group_size: int) -> Optional[str]:
+    """None if kernel `op` of `source` matches MLX on a small random problem, else what went wrong."""
+    kw, kx = mx.random.split(mx.random.key(0))
+    w = mx.random.normal((PROBE_OUT, PROBE_IN), key=kw) * 0.02
+    wq, scales, biases = mx.quantize(w.astype(dtype), group_size=group_size, bits=bits)
+    x = mx.random.normal((PROBE_ROWS, PROBE_IN), key=kx).astype(dtype)
+    want = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    if op == "gate_up_silu":
+        want = silu_mul(want)
+    try:
+        got = gpu.launch(source, op, x, wq, scales, biases, group_size, want.shape[-1])
+        mx.eval(got, want)
+    except Exception as e:  # noqa: BLE001  (whatever an unproven kernel raises, MLX's op takes over)
+        return f"failed to run ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    if got.shape != want.shape:
+        return f"returned shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+    scale = mx.abs(want.astype(mx.float32)).max().item() or 1.0
+    err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+    if not err <= PROBE_TOLERANCE.get(dtype, 1e-2) * scale:  # also catches NaN
+        return f"disagrees with mx.quantized_matmul (max error {err:.3g} of {scale:.3g})"
+    return None
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: Optional[mx.array], *,
