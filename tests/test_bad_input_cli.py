@@ -239,3 +239,104 @@ def test_a_closed_stdout_pipe_is_one_line(tiny_dir):
 def test_undecodable_argv_bytes_are_one_line(tiny_dir):
     r = _cli(b"generate", b"-m", str(tiny_dir).encode(), b"-p", NOT_UTF8)
     assert r.returncode == 1 and "UTF-8" in one_line(r.stderr.decode())
+
+
+# -- chat: interruptions, open tool calls, a loaded prompt cache -------------------------------------
+
+def _session(tiny):
+    import io
+
+    from rich.console import Console
+
+    from mlx_mistral.cache import ConversationCache
+    from mlx_mistral.cli.repl import ChatSession
+
+    model, tok = tiny
+    console = Console(file=io.StringIO(), width=200)
+    return ChatSession(model, tok, sampling={"max_tokens": 12, "temperature": 0}, console=console,
+                       cache=ConversationCache(model))
+
+
+class _Interrupting:
+    """A decoder layer that raises KeyboardInterrupt on its n-th call, as Ctrl-C inside a
+    forward pass does: the layers before it have stored this step's K/V, the rest have not."""
+
+    def __init__(self, layer, n):
+        self.layer, self.n, self.calls = layer, n, 0
+
+    def _tick(self):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+
+    def __call__(self, *a, **k):
+        self._tick()
+        return self.layer(*a, **k)
+
+    def ragged(self, *a, **k):
+        self._tick()
+        return self.layer.ragged(*a, **k)
+
+
+def test_ctrl_c_during_a_reply_keeps_the_conversation_kv(tiny):
+    model, _ = tiny
+    s = _session(tiny)
+    s.reply("Hello there, tell me a story")
+    last = model.layers[-1]
+    model.layers[-1] = _Interrupting(last, 5)
+    try:
+        s.reply("And another one please")
+    finally:
+        model.layers[-1] = last
+    offsets = {c.offset for c in s.cache.cache}
+    assert len(offsets) == 1 and offsets.pop() == len(s.cache.tokens) > 20  # not dropped
+    s.reply("Thanks")
+    stats = s.console.file.getvalue().strip().splitlines()[-1]
+    cached = int(stats.split(" cached")[0].rsplit(" ", 1)[1])
+    assert "(stopped)" in s.console.file.getvalue() and cached > 20
+
+
+def test_each_result_says_how_many_calls_are_still_open(tiny):
+    s = _session(tiny)
+    s.messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call{i:05d}", "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in range(3)]}]
+    s.pending = ["call00000", "call00001", "call00002"]
+    said = []
+    for _ in range(3):
+        before = len(s.console.file.getvalue())
+        s.answer_call('{"ok": true}')
+        said.append(s.console.file.getvalue()[before:])
+    assert "2 calls still open" in said[0] and "1 call still open" in said[1]
+    assert "all calls answered" in said[2] and not s.pending
+
+
+def test_chat_says_it_loaded_a_prompt_cache(tiny_dir, tmp_path):
+    cache = tmp_path / "sys"
+    assert run(["cache-prompt", "-m", tiny_dir, "--system", "Be brief.", cache]).exit_code == 0
+    r = run(["chat", "-m", tiny_dir, "--prompt-cache", f"{cache}.safetensors"], input="/quit\n")
+    assert r.exit_code == 0, r.output
+    assert "prompt cache" in r.stdout and "loaded" in r.stdout and "a system prompt" in r.stdout
+
+
+def test_chat_refuses_a_context_past_the_model(short):
+    r = run(["chat", "-m", short, "--context", str(SMALL_CONTEXT + 1)], input="/quit\n")
+    assert r.exit_code == 1 and str(SMALL_CONTEXT) in one_line(r.stderr)
+
+
+def test_bench_refuses_more_tokens_than_the_context(short):
+    r = run(["bench", "-m", short, "-p", "60", "-g", "10"])
+    assert r.exit_code == 1 and f"context of {SMALL_CONTEXT}" in one_line(r.stderr)
+
+
+def test_serve_plans_the_context_for_its_batch(tiny_dir, monkeypatch):
+    from mlx_mistral import memory
+    from mlx_mistral.server.app import served_context
+
+    assert served_context(str(tiny_dir), 8) == 32768  # a few MB of weights: the whole context fits
+    budget = memory.machine_budget()
+    monkeypatch.setattr(memory, "machine_budget", lambda: memory.Budget(400 * 2**20, budget.ram, "a test budget"))
+    one, eight = served_context(str(tiny_dir), 1), served_context(str(tiny_dir), 8)
+    assert 256 <= eight < one <= 32768 and eight <= one // 8 + 1
+    monkeypatch.setattr(memory, "machine_budget", lambda: memory.Budget(60 * 2**20, budget.ram, "a test budget"))
+    r = run(["serve", "-m", tiny_dir, "--max-batch", "8", "--port", "0"])
+    assert r.exit_code == 1 and "--max-batch" in one_line(r.stderr)

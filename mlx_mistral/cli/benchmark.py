@@ -36,6 +36,7 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
     from .bench_view import live_progress, result_header, result_table
 
     folder = resolve(model)
+    _check_plan(folder, prompt_tokens + generation_tokens)
     console = Console(stderr=True)
     with console.status(f"loading {folder.name}"):
         m = load_model(folder)
@@ -51,3 +52,16 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
         out = Console()
         out.print(result_header(result))
         out.print(result_table(result))
+
+
+def _check_plan(folder, context: int) -> None:
+    """Refuses, before loading, a run the model's context or this machine's memory cannot hold."""
+    from .. import memory
+    from ..errors import MistralError
+    from ..load import read_config
+
+    config = read_config(folder)
+    limit = config.get("max_position_embeddings", 32768)
+    if context > limit:
+        raise MistralError(f"-p plus -g is {context} tokens, more than the model's context of {limit}")
+    memory.check_fits(memory.plan(config, context=context), memory.machine_budget(), name=folder.name)

@@ -28,23 +28,30 @@ from .options import (
 @click.option("--verbose", "-v", is_flag=True, help="Print tokens/s, peak memory and speculation.")
 def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, prompt_cache_file, **kw):
     """Generate a reply to one prompt, streamed to stdout (tool calls as a JSON list)."""
+    from .. import memory
     from ..generate import stream_generate
+    from ..load import read_config, resolve
 
     prompt, system = read_prompt(prompt), argument_text(system, "--system")
     kw["stop"] = tuple(argument_text(s, "--stop") for s in kw["stop"])
     structured = structured_kwargs(tools, tool_choice, json_schema)
     kv = kv_options(kw)
-    # bytes bound the token count from above: enough for the memory check before loading
-    context = len(prompt.encode()) + len((system or "").encode()) + kw["max_tokens"] + 64
-    m, tokenizer, cached = _load_with_prompt_cache(model, prompt_cache_file, context, kv)
+    folder = resolve(model)  # once: for a hub id this asks the hub (and may convert)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    # tokens, counted with the model's tokenizer before its weights load: the memory plan and
+    # the context check see what generation will (a prompt cache's prefix is added when loading)
+    n = memory.count_prompt_tokens(folder, messages, tools=structured.get("tools"))
+    limit = read_config(folder).get("max_position_embeddings", 32768)
+    if not prompt_cache_file:
+        kw["max_tokens"] = fit_to_context(n, limit, kw["max_tokens"])
+    m, tokenizer, cached = _load_with_prompt_cache(str(folder), prompt_cache_file, n + kw["max_tokens"], kv)
     request, extra = prompt, kv
     if cached:
         cached.system = system or cached.system
         request, extra = cached.messages(prompt), dict(kv, prompt_cache=cached.conversation, tools=cached.tools)
-    messages = request if cached else ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}]
-    kw["max_tokens"] = fit_to_context(m, tokenizer, messages, structured.get("tools") or extra.get("tools"),
-                                      kw["max_tokens"])
+        messages = request
+        n = memory.prompt_tokens(tokenizer, messages, tools=structured.get("tools") or cached.tools)
+        kw["max_tokens"] = fit_to_context(n, limit, kw["max_tokens"])
     if structured:
         request = messages
         options = {**extra, **structured, **speculation_kwargs(kw, m, tokenizer)}
@@ -75,11 +82,9 @@ def read_prompt(prompt: Optional[str]) -> str:
     return prompt
 
 
-def fit_to_context(model, tokenizer, messages: list[dict], tools, max_tokens: int) -> int:
-    """max_tokens, capped where the model's context ends (said on stderr); a prompt that leaves
-    no room for a reply is refused."""
-    limit = model.args.max_position_embeddings
-    n = len(tokenizer.encode_chat(messages, tools=tools))
+def fit_to_context(n: int, limit: int, max_tokens: int) -> int:
+    """max_tokens after a prompt of `n` tokens, capped where the model's context of `limit` ends
+    (said on stderr); a prompt that leaves no room for a reply is refused."""
     if n >= limit:
         raise MistralError(f"the prompt is {n} tokens, but the model's context holds {limit}: no room for a reply")
     if n + max_tokens > limit:
@@ -122,22 +127,40 @@ def _report(r, err: bool = False) -> None:
               help="Longest conversation to plan memory for (default: the model's maximum).")
 def chat(model, system, tools, tool_choice, json_schema, prompt_cache_file, context, **kw):
     """Interactive chat. /reset, /system TEXT, /result JSON, /quit; end a line with \\ to continue it."""
+    from .. import memory
     from ..cache import ConversationCache
     from ..load import read_config, resolve
     from .repl import ChatSession
 
+    system = argument_text(system, "--system")
+    kw["stop"] = tuple(argument_text(s, "--stop") for s in kw["stop"])
     structured = structured_kwargs(tools, tool_choice, json_schema)
     kv = kv_options(kw)
     folder = resolve(model)  # once: for a hub id this asks the hub (and may convert)
-    if context is None:
-        context = read_config(folder).get("max_position_embeddings", 32768)
+    # the whole conversation, in tokens: --context, or all the model accepts (a longer one is refused)
+    context = memory.context_tokens(read_config(folder), context=context)
     m, tokenizer, cached = _load_with_prompt_cache(str(folder), prompt_cache_file, context, kv)
     conversation = cached.conversation if cached else ConversationCache(m, **kv)
     if cached and cached.tools and "tools" not in structured:
         structured["tools"] = cached.tools
     sampling = {**sampling_kwargs(kw), **speculation_kwargs(kw, m, tokenizer)}
-    ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling=sampling,
-                cache=conversation, document=cached.document if cached else None, **structured).run()
+    session = ChatSession(m, tokenizer, system=system or (cached.system if cached else None), sampling=sampling,
+                          cache=conversation, document=cached.document if cached else None, **structured)
+    if cached:
+        session.notes.append(_cache_note(prompt_cache_file, cached))
+    session.run()
+
+
+def _cache_note(path: str, cached) -> str:
+    """What a loaded prompt cache holds, said when chat starts."""
+    parts = [f"{len(cached.conversation.tokens)} tokens"]
+    if cached.system:
+        parts.append("a system prompt")
+    if cached.document:
+        parts.append(f"a document of {len(cached.document):,} characters")
+    if cached.tools:
+        parts.append(f"{len(cached.tools)} tools")
+    return f"prompt cache {path} loaded: " + ", ".join(parts)
 
 
 def _generate_structured(model, tokenizer, messages, structured: dict, sampling: dict, verbose: bool) -> None:
