@@ -323,6 +323,13 @@ def test_chat_refuses_a_context_past_the_model(short):
     assert r.exit_code == 1 and str(SMALL_CONTEXT) in one_line(r.stderr)
 
 
+def test_info_refuses_a_context_past_the_model_and_caps_what_fits(short):
+    r = run(["info", "-m", short, "--context", str(SMALL_CONTEXT + 1)])
+    assert r.exit_code == 1 and str(SMALL_CONTEXT) in one_line(r.stderr)
+    r = run(["info", "-m", short])
+    assert r.exit_code == 0 and f"up to {SMALL_CONTEXT} tokens" in r.stdout
+
+
 def test_bench_refuses_more_tokens_than_the_context(short):
     r = run(["bench", "-m", short, "-p", "60", "-g", "10"])
     assert r.exit_code == 1 and f"context of {SMALL_CONTEXT}" in one_line(r.stderr)

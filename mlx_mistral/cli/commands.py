@@ -203,8 +203,7 @@ def info(model, context, dtype, budget_gb, **kw):
     from ..load import config_only
 
     config, on_disk = config_only(model)
-    if context is None:
-        context = config.get("max_position_embeddings", 32768)
+    context = memory.context_tokens(config, context=context)  # past the model's context: refused
     p = memory.plan(config, context=context, dtype_bytes=memory.DTYPE_BYTES[dtype] if dtype else None,
                     fused_attention=dtype in ("float16", "bfloat16") if dtype else None, **kv_options(kw))
     budget = memory.machine_budget()
