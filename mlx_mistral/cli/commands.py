@@ -10,9 +10,9 @@ import click
 
 from ..errors import MistralError
 from .options import (
-    cache_options, kv_options, model_option, prompt_cache_option, sampling_kwargs, sampling_options,
-    speculation_kwargs, speculation_options, structured_kwargs, structured_options, argument_text, decode_text,
-    read_text, Finite,
+    Finite, argument_text, cache_options, decode_text, kv_options, model_option, prompt_cache_option, read_text,
+    sampling_kwargs, sampling_options, speculation_kwargs, speculation_options, structured_kwargs,
+    structured_options,
 )
 
 
@@ -40,8 +40,8 @@ def generate(model, prompt, system, verbose, tools, tool_choice, json_schema, pr
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     # tokens, counted with the model's tokenizer before its weights load: the memory plan and
     # the context check see what generation will (a prompt cache's prefix is added when loading)
+    limit = read_config(folder).get("max_position_embeddings", 32768)  # first: a missing config is the error
     n = memory.count_prompt_tokens(folder, messages, tools=structured.get("tools"))
-    limit = read_config(folder).get("max_position_embeddings", 32768)
     if not prompt_cache_file:
         kw["max_tokens"] = fit_to_context(n, limit, kw["max_tokens"])
     m, tokenizer, cached = _load_with_prompt_cache(str(folder), prompt_cache_file, n + kw["max_tokens"], kv)
