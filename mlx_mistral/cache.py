@@ -174,11 +174,14 @@ class ConversationCache:
     def record(self, sequence: Sequence[int]) -> None:
         """After a request: `sequence` is the prompt then the generated ids; the cache holds as
         many of them as its offset says (the last sampled id is usually not fed back)."""
-        offsets = {c.offset for c in self.cache}
-        if len(offsets) != 1:  # interrupted inside a forward pass: layers disagree
-            self.reset()
-            return
-        held = offsets.pop()
+        offsets = [c.offset for c in self.cache]
+        held = min(offsets)
+        if max(offsets) != held:  # interrupted inside a forward pass (Ctrl-C): keep what all layers hold
+            if not can_trim_prompt_cache(self.cache):
+                self.reset()
+                return
+            for c in self.cache:
+                c.trim(c.offset - held)
         if held > len(sequence) or list(sequence[: len(self.tokens)]) != self.tokens:
             self.reset()
             return

@@ -21,7 +21,8 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 
-from .errors import MistralError
+from .errors import MistralError, first_line
+from .schema_check import check_constraints, schema_problem  # noqa: F401  (re-exported)
 
 TOOL_CALLS_ID = 9  # [TOOL_CALLS] in the Tekken V7 vocabulary
 # json.dumps' separators: what the model saw in training, and no room for free whitespace
@@ -218,6 +219,21 @@ def plan(tools: Optional[list[dict]], tool_choice: ToolChoice = "auto",
     return Plan(grammar=f"start: calls | json_reply\njson_reply: {_json_rule(schema)}\n" + calls)
 
 
+# ---------------------------------------------------------------------------- refusals
+
+def _first_mask_check(lltok, grammar: str) -> None:
+    """Builds the matcher and its first mask, so a grammar llguidance cannot expand (a parser
+    limit hit at the first token) is refused now, not after the reply has started."""
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    m = _matcher(lltok, grammar)
+    bitmask = allocate_token_bitmask(1, lltok.vocab_size)
+    fill_next_token_bitmask(m, bitmask)
+    if m.is_error() or not bitmask.any():
+        raise MistralError("the output grammar allows no token to start the reply: "
+                           f"{first_line(Exception(m.get_error() or 'nothing matches'))[:200]}")
+
+
 # ---------------------------------------------------------------------------- the processor
 
 def llg_tokenizer(tokenizer):
@@ -279,7 +295,7 @@ class GrammarProcessor:
                     continue
                 self.active = True
             if not self.matcher.consume_token(t):
-                raise MistralError(f"token {t} broke the output grammar: {self.matcher.get_error()[:200]}")
+                raise MistralError(f"token {t} broke the output grammar: {first_line(Exception(self.matcher.get_error()))[:200]}")
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         if self.seen is None:
@@ -330,16 +346,19 @@ def check_request(tokenizer, tools: Optional[list[dict]] = None, tool_choice: To
                   response_format: Optional[dict] = None, *, limits: Limits = Limits(),
                   parallel_tool_calls: bool = True) -> None:
     """Raises the MistralError `make_processor` would for this request, without building the
-    processor: no MLX work, so a server can refuse a request before queueing it."""
+    processor: no MLX work, so a server can refuse a request before queueing it. Schemas no
+    finite value satisfies are refused too, and grammars whose first step fails."""
+    check_constraints(tools, response_format)
     p = plan(tools, tool_choice, response_format, limits, parallel_tool_calls)
     if p.grammar is not None and not _nothing_to_enforce(tokenizer, p):
-        _matcher(llg_tokenizer(tokenizer), p.grammar)
+        _first_mask_check(llg_tokenizer(tokenizer), p.grammar)
 
 
 def make_processor(tokenizer, tools: Optional[list[dict]] = None, tool_choice: ToolChoice = "auto",
                    response_format: Optional[dict] = None, *, limits: Limits = Limits(),
                    parallel_tool_calls: bool = True):
     """The logits processor enforcing a request's tool choice and response format, or None."""
+    check_constraints(tools, response_format)
     p = plan(tools, tool_choice, response_format, limits, parallel_tool_calls)
     if _nothing_to_enforce(tokenizer, p):
         return None
@@ -351,4 +370,5 @@ def make_processor(tokenizer, tools: Optional[list[dict]] = None, tool_choice: T
 
 
 __all__ = ["Limits", "Plan", "plan", "bound_schema", "free_json", "calls_grammar", "response_schema",
-           "GrammarProcessor", "ban_tokens", "make_processor", "check_request", "llg_tokenizer", "TOOL_CALLS_ID"]
+           "GrammarProcessor", "ban_tokens", "make_processor", "check_request", "check_constraints",
+           "schema_problem", "llg_tokenizer", "TOOL_CALLS_ID"]

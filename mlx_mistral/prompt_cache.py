@@ -8,6 +8,7 @@ wrong there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,6 +91,7 @@ def cache_prompt(model, tokenizer, out: str | Path, *, system: Optional[str] = N
     (`.safetensors` is appended if missing). Returns the path written."""
     if not (system or document or tools):
         raise MistralError("nothing to cache: give a system prompt, a document or tools")
+    out = writable_output(_safetensors_path(out))  # before the prefill, which may take minutes
     ids = prefix_ids(tokenizer, system=system, document=document, tools=tools)
     conversation = ConversationCache(model, kv_bits=kv_bits, kv_group_size=kv_group_size)
     prefill(model, mx.array(ids, dtype=mx.int32), conversation.cache, progress=progress)
@@ -103,14 +105,33 @@ def cache_prompt(model, tokenizer, out: str | Path, *, system: Optional[str] = N
         "document": document or "",
         "tools": json.dumps(tools) if tools else "",
     }
-    out = _safetensors_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.safetensors")
     try:
         save_prompt_cache(str(tmp), portable(conversation.cache), metadata)
         os.replace(tmp, out)  # a reader never sees half a file
+    except (OSError, RuntimeError, ValueError) as e:  # MLX reports a failed write as RuntimeError
+        raise MistralError(f"cannot write the prompt cache {out}: {_reason(e)}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def _reason(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+
+
+def writable_output(out: Path) -> Path:
+    """`out`, once its folder exists and a regular file can be written there; else one line."""
+    if out.exists() and not out.is_file():
+        raise MistralError(f"cannot write the prompt cache {out}: it exists and is not a regular file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.stem}.probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise MistralError(f"cannot write the prompt cache {out}: {_reason(e)}") from None
     return out
 
 

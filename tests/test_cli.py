@@ -61,7 +61,7 @@ def test_chat_ends_at_end_of_input(tiny_dir):
 @pytest.mark.parametrize("args, message", [
     (["generate", "-m", "/nonexistent/folder", "-p", "hi"], "no such model folder"),
     (["generate", "-m", "{tiny}", "-p", "   "], "prompt is empty"),
-    (["generate", "-m", "{tiny}", "-p", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "-m", "{tiny}", "-p", "hi", "--top-p", "0"], "--top-p"),
     (["synth", "{tiny}"], "not empty"),
     (["generate", "-m", "{empty}", "-p", "hi"], "no config.json"),
     (["generate", "-m", "{broken}", "-p", "hi"], "cannot read"),

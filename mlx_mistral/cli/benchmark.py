@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .options import model_option
+from .options import SEED, Finite, model_option
 
 
 @click.command()
@@ -20,10 +20,10 @@ from .options import model_option
               help="Timed trials after the warm-up.")
 @click.option("--prefill-step", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Prompt tokens per prefill chunk.")
-@click.option("--peak-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--peak-gbps", type=Finite(min=0, min_open=True), default=None,
               help="The machine's peak memory bandwidth (default: known Apple chip, else measured).")
 @click.option("--no-warmup", is_flag=True, help="Skip the short warm-up run.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, peak_gbps, no_warmup,
           seed, as_json):
@@ -36,6 +36,7 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
     from .bench_view import live_progress, result_header, result_table
 
     folder = resolve(model)
+    _check_plan(folder, prompt_tokens + generation_tokens)
     console = Console(stderr=True)
     with console.status(f"loading {folder.name}"):
         m = load_model(folder)
@@ -51,3 +52,16 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
         out = Console()
         out.print(result_header(result))
         out.print(result_table(result))
+
+
+def _check_plan(folder, context: int) -> None:
+    """Refuses, before loading, a run the model's context or this machine's memory cannot hold."""
+    from .. import memory
+    from ..errors import MistralError
+    from ..load import read_config
+
+    config = read_config(folder)
+    limit = config.get("max_position_embeddings", 32768)
+    if context > limit:
+        raise MistralError(f"-p plus -g is {context} tokens, more than the model's context of {limit}")
+    memory.check_fits(memory.plan(config, context=context), memory.machine_budget(), name=folder.name)

@@ -11,7 +11,7 @@ import click
 @click.option("--quantize", "bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Write the weights already quantized (MLX affine) with this many bits.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def synth(out, preset, bits, group_size, seed, force):
     """Write a random-weight checkpoint of a Mistral Small 3 shape to OUT."""

@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
 from ..errors import MistralError
 
 DEFAULT_MODEL = "mistralai/Mistral-Small-24B-Instruct-2501"
+SEED = click.IntRange(0, 2**64 - 1)  # a seed is an unsigned 64-bit random key
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which every comparison lets through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
 
 
 def sampling_options(f):
     """Sampling flags shared by generate and chat."""
     options = [
-        click.option("--max-tokens", "-n", default=512, show_default=True, help="Most tokens to generate."),
-        click.option("--temp", "temperature", default=0.15, show_default=True,
+        click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Most tokens to generate (capped where the model's context ends)."),
+        click.option("--temp", "temperature", type=Finite(min=0), default=0.15, show_default=True,
                      help="Sampling temperature (0 = greedy; Mistral recommends 0.15)."),
-        click.option("--top-p", default=1.0, show_default=True),
-        click.option("--top-k", default=0, show_default=True, help="0 = off."),
-        click.option("--min-p", default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=None),
-        click.option("--seed", type=int, default=None),
+        click.option("--top-p", type=Finite(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+        click.option("--min-p", type=Finite(0, 1), default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None),
+        click.option("--seed", type=SEED, default=None),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
     ]
     for option in reversed(options):
@@ -114,6 +131,35 @@ def sampling_kwargs(kw: dict) -> dict:
     out = {k: kw[k] for k in keys}
     out["stop"] = list(kw["stop"])
     return out
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """UTF-8 text of `data`, or one line saying where it is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MistralError(f"{where} is not valid UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
+def argument_text(text: Optional[str], where: str) -> Optional[str]:
+    """A command-line string checked for bytes that were not UTF-8 (Python keeps them as
+    surrogates, which fail later, deep in the tokenizer)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MistralError(f"{where} is not valid UTF-8 text") from None
+    return text
+
+
+def read_text(path: str, what: str) -> str:
+    """A text file's contents ('-' reads stdin) as UTF-8, or one line saying what is wrong."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise MistralError(f"cannot read {what} {path}: {e.strerror}") from None
+    return decode_text(data, f"{what} {'(stdin)' if path == '-' else path}")
 
 
 def read_json(path: str, what: str):

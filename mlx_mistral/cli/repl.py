@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
 
@@ -38,6 +39,7 @@ class ChatSession:
         # the KV of the conversation so far: each turn computes only its new tokens
         self.cache = cache if cache is not None else ConversationCache(model)
         self.document = document  # opens the first user message (from a prompt cache file)
+        self.notes: list[str] = []  # said once, when the session starts (a loaded prompt cache...)
 
     def read_message(self) -> Optional[str]:
         """One user message (possibly several lines); None at end of input."""
@@ -91,8 +93,14 @@ class ChatSession:
         if not result:
             self.console.print("[red]error:[/] /result needs the tool's output, e.g. /result {\"temp_c\": 21}")
             return
-        self.messages.append({"role": "tool", "tool_call_id": self.pending.pop(0), "content": result})
-        if not self.pending:
+        call_id = self.pending.pop(0)
+        self.messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
+        if self.pending:
+            waiting = len(self.pending)
+            self.console.print(f"[dim]result for {call_id} recorded; {waiting} call{'s' if waiting > 1 else ''} "
+                               f"still open (next: {self.pending[0]})[/]")
+        else:
+            self.console.print(f"[dim]result for {call_id} recorded; all calls answered[/]")
             # a forced choice would call again forever: after results the model may answer in text
             choice = self.tool_choice if self.tool_choice in ("auto", "none") else "auto"
             self.respond(self.messages, tool_choice=choice)
@@ -160,6 +168,8 @@ class ChatSession:
                 self.console.print(f"[dim]{last['speculation'].summary()}[/]")
 
     def run(self) -> None:
+        for note in self.notes:
+            self.console.print(f"[dim]{escape(note)}[/]")
         self.console.print(f"[dim]{HELP} {TOOLS_HELP if self.tools else ''}[/]")
         while True:
             try:

@@ -6,7 +6,7 @@ import click
 
 from ..constrain import Limits
 from ..engine import DEFAULT_MAX_BATCH
-from .options import model_option
+from .options import Finite, model_option
 
 _DEFAULT = Limits()
 # the bounds constrained output puts on values its schema leaves unbounded (constrain.Limits)
@@ -46,7 +46,7 @@ def limits_from(kw: dict) -> Limits:
 @click.option("--max-batch", type=click.IntRange(1, 64), default=DEFAULT_MAX_BATCH, show_default=True,
               help="Requests generated together in one batch; later ones wait in arrival order.")
 @click.option("--no-ui", "ui", is_flag=True, flag_value=False, default=True, help="Do not serve the chat page at /.")
-@click.option("--drain-timeout", default=30.0, show_default=True,
+@click.option("--drain-timeout", type=Finite(min=0), default=30.0, show_default=True,
               help="Seconds that in-flight requests get to finish on Ctrl-C / SIGTERM.")
 @limit_options
 def serve(model, host, port, api_key, default_max_tokens, max_batch, ui, drain_timeout, **limits):

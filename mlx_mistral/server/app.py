@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from .worker import Worker
 # Reply length of a request that sets none: long answers fit, and one client that forgets the
 # field cannot hold a batch slot for the whole context (32k tokens is minutes on a laptop).
 DEFAULT_MAX_TOKENS = 4096
+log = logging.getLogger("mlx_mistral.server")
 
 
 class Settings:
@@ -116,6 +118,32 @@ def _quiet_exit_server():
     return Server
 
 
+MIN_SERVED_CONTEXT = 256  # tokens: below this a chat request could hardly hold its prompt
+
+
+def served_context(model_path: str, max_batch: int) -> int:
+    """The longest request (prompt + reply, in tokens) `serve` accepts: the model's context, or
+    less where this machine's memory cannot hold `max_batch` such requests at once."""
+    from .. import memory
+    from ..load import read_config, resolve
+
+    config = read_config(resolve(model_path))
+    limit = config.get("max_position_embeddings", 32768)
+    # the batch's KV as one sequence of max_batch x the context: the planner caps a plan at the
+    # model's own limit, so it is raised to the batch's total here
+    batch = memory.plan(dict(config, max_position_embeddings=limit * max_batch))
+    budget = memory.machine_budget()
+    per_request = min(limit, batch.tokens_that_fit(budget.bytes) // max_batch)
+    if per_request < MIN_SERVED_CONTEXT:
+        raise MistralError(f"{max_batch} requests at once leave {per_request} tokens each in this machine's memory "
+                           f"budget ({budget.bytes / 1e9:.1f} GB, {budget.source}): use a smaller --max-batch "
+                           f"or a smaller model")
+    if per_request < limit:
+        log.warning("serving requests of up to %d tokens (the model accepts %d): %d at once is what "
+                    "%.1f GB hold", per_request, limit, max_batch, budget.bytes / 1e9)
+    return per_request
+
+
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
           default_max_tokens: Optional[int] = None, drain_timeout: float = 30.0, log_level: str = "info",
           max_batch: int = DEFAULT_MAX_BATCH, ui: bool = True, limits: Optional[Limits] = None) -> None:
@@ -125,9 +153,10 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key
 
     from ..load import load
 
-    model, tokenizer = load(model_path)
+    context = served_context(model_path, max_batch)
+    model, tokenizer = load(model_path, context=context)
     model_id, aliases = served_name(model_path)
-    app = create_app(model, tokenizer, model_id=model_id, aliases=aliases, api_key=api_key,
+    app = create_app(model, tokenizer, model_id=model_id, aliases=aliases, api_key=api_key, context_length=context,
                      default_max_tokens=default_max_tokens, max_batch=max_batch, ui=ui, limits=limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout)

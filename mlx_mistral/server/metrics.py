@@ -3,9 +3,13 @@ one process, as in tests, do not collide), and the middleware counting requests.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+log = logging.getLogger("mlx_mistral.server")
 
 # seconds: from a few ms (tiny models, warm prefix) to minutes (long prompts queued behind others)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,7 +42,11 @@ class Metrics:
 
 
 class CountRequests:
-    """Counts responses by path and status (pure ASGI: leaves streaming and disconnects alone)."""
+    """Counts every response by path and status, and turns an exception that escapes a handler
+    into a counted JSON 500 (pure ASGI: leaves streaming and disconnects alone).
+
+    It sits outside FastAPI's exception handlers, so 4xx replies pass through it as responses;
+    what reaches it as an exception no handler knew. Logged once, then the server goes on."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -46,12 +54,29 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
+
+        def count(status: int) -> None:
+            route = scope.get("route")
+            path = route.path if route is not None else "other"  # unknown paths share one label
+            self.metrics.requests.labels(path=path, status=str(status)).inc()
 
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                route = scope.get("route")
-                path = route.path if route is not None else "other"  # unknown paths share one label
-                self.metrics.requests.labels(path=path, status=str(message["status"])).inc()
+                started = True
+                count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:  # noqa: BLE001  (any escape: the client gets an answer, not a reset)
+            log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            if started:  # a stream already under way: end it; its status was counted
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            from .errors import internal_error
+
+            count(500)
+            await internal_error()(scope, receive, send)

@@ -18,13 +18,27 @@ MAX_N = 64  # the most a server's batch can be (serve --max-batch); the engine c
 
 
 def check_json_schema(schema: dict) -> dict:
-    """Raises ValueError (a 400 through pydantic) unless `schema` is a valid JSON Schema."""
+    """Raises ValueError (a 400 through pydantic) unless `schema` is a valid JSON Schema that
+    is not nested too deeply to compile, and that some finite JSON value satisfies."""
     from jsonschema import SchemaError, validators
 
+    from ..errors import MistralError
+    from ..schema_check import check_nesting, schema_problem
+
+    try:
+        check_nesting(schema)  # first: the validator below recurses once per level
+    except MistralError as e:
+        raise ValueError(str(e)) from None
     try:
         validators.validator_for(schema).check_schema(schema)
     except SchemaError as e:
         raise ValueError(f"invalid JSON schema: {e.message}") from None
+    except RecursionError:  # a $ref cycle jsonschema follows without end
+        raise ValueError("invalid JSON schema: its references loop without end") from None
+    try:
+        schema_problem(schema)
+    except MistralError as e:
+        raise ValueError(str(e)) from None
     return schema
 
 
