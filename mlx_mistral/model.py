@@ -135,6 +135,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.native = True  # False: never the native CPU decoder (kernels/cpu_model.py)
         self._decoder = None  # the native decoder once built; False where it cannot run
+        self.group = None  # the mx.distributed group of a sharded model (distributed/shard.py)
 
     @classmethod
     def from_config(cls, args: ModelArgs) -> "Model":

@@ -1,0 +1,164 @@
+"""The engine in lockstep on every rank of a sharded model.
+
+Every rank runs the same `Engine` over its shard; each forward pass's all_sums need every rank
+to run the same steps over the same sequences. Rank 0 alone takes requests (the terminal, the
+HTTP socket, the Python API): at the start of each step it broadcasts what arrived and what was
+cancelled since the last one, and every rank applies exactly that before stepping. Everything
+else an engine decides (admission, prefill chunks, batching, retirement) follows from the same
+inputs, so it comes out the same. The sampled ids are rank 0's, summed into every rank
+(`_agree`), so temperature sampling and its random state live on rank 0 alone.
+
+Rank 0's streams keep the caller's cancellation apart (`asked`) from the flag the engine reads
+(`cancelled`), which only the step's broadcast sets: a server thread cancelling mid-step cannot
+make rank 0 drop a sequence the other ranks still step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import OrderedDict
+from typing import Optional
+
+import mlx.core as mx
+
+from ..cache import ConversationCache
+from ..engine import Engine, Request, Speculation
+from ..engine.sequence import Stream
+from ..errors import MistralError
+from .group import broadcast
+
+KEPT_ENGINES = 4  # followers keep the latest few engines (one per API call, one per server)
+_engine_ids = itertools.count()
+
+
+class LockstepStream(Stream):
+    """A stream whose engine-visible cancellation arrives with a step's broadcast."""
+
+    def __init__(self, request: Request):
+        super().__init__(request)
+        self.asked = False
+
+    def cancel(self) -> None:
+        self.asked = True
+
+
+class LockstepEngine(Engine):
+    """An Engine whose steps rank 0 leads and the other ranks follow."""
+
+    def __init__(self, model, tokenizer, *, eid: Optional[int] = None, **options):
+        super().__init__(model, tokenizer, **options)
+        self.group = model.group
+        self.leader = self.group.rank() == 0
+        self.inbox: list[tuple[LockstepStream, Optional[ConversationCache]]] = []
+        self.streams: dict[int, LockstepStream] = {}  # the same ids on every rank
+        self.conversations: dict[int, ConversationCache] = {}
+        self._ids = itertools.count()
+        if self.leader:
+            eid = next(_engine_ids)
+            broadcast(("engine", eid, options), self.group)
+        self.eid = eid
+
+    def submit(self, request: Request, cache: Optional[ConversationCache] = None) -> Stream:
+        if not self.leader:
+            raise MistralError("only rank 0 takes requests on a sharded model")
+        if request.logits_processors:
+            raise MistralError("custom logits processors run in one process: a sharded model cannot take them")
+        if request.speculation.mode not in (None, "none") or request.speculation.draft_model is not None:
+            raise MistralError("speculative decoding does not run on a sharded model")
+        if cache is not None and not isinstance(cache, ConversationCache):
+            raise MistralError("a sharded model's engine takes a ConversationCache, not a list of caches")
+        request = dataclasses.replace(request, speculation=Speculation("none"))
+        self.check(request, cache)
+        stream = LockstepStream(request)
+        with self.wake:
+            self.inbox.append((stream, cache))
+            self.wake.notify()
+        return stream
+
+    @property
+    def busy(self) -> bool:
+        return super().busy or bool(self.inbox)
+
+    def step(self) -> None:
+        if self.leader:
+            self._lead()
+        super().step()
+        for sid, stream in list(self.streams.items()):
+            if not self.leader:
+                stream.events.clear()  # nobody reads a follower's text
+            if stream.done:
+                del self.streams[sid]
+
+    def _lead(self) -> None:
+        """Broadcast the requests and cancellations since the last step, then apply them."""
+        with self.lock:
+            arrived, self.inbox = self.inbox, []
+        news = []
+        for stream, cache in arrived:
+            sid = next(self._ids)
+            self.streams[sid] = stream
+            news.append((sid, stream.request, self._conversation_ref(cache)))
+        cancels = [sid for sid, s in self.streams.items() if s.asked and not s.cancelled]
+        broadcast(("step", self.eid, news, cancels), self.group)
+        self.apply(news, cancels)
+
+    def _conversation_ref(self, cache: Optional[ConversationCache]):
+        """How the followers find their copy of rank 0's conversation: (id, KV settings)."""
+        if cache is None:
+            return None
+        for cid, known in self.conversations.items():
+            if known is cache:
+                return cid, cache.settings
+        cid = len(self.conversations)
+        self.conversations[cid] = cache
+        return cid, cache.settings
+
+    def apply(self, news: list, cancels: list[int]) -> None:
+        """Queue the broadcast requests and mark the broadcast cancellations (every rank)."""
+        for sid, request, ref in news:
+            stream = self.streams.setdefault(sid, LockstepStream(request))
+            cache = None
+            if ref is not None:
+                cid, settings = ref
+                if cid not in self.conversations:
+                    self.conversations[cid] = ConversationCache(self.model, kv_bits=settings.kv_bits,
+                                                                kv_group_size=settings.kv_group_size,
+                                                                max_kv_size=settings.max_kv_size)
+                cache = self.conversations[cid]
+            with self.lock:
+                self.waiting.append((stream, cache))
+        for sid in cancels:
+            if sid in self.streams:
+                self.streams[sid].cancelled = True
+
+    def _agree(self, tokens: mx.array) -> mx.array:
+        mine = tokens if self.leader else mx.zeros_like(tokens)
+        return mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu)
+
+
+def engine_for(model, tokenizer, **options) -> Engine:
+    """The engine for `model`: in lockstep across the ranks when it is sharded."""
+    if model.group is None:
+        return Engine(model, tokenizer, **options)
+    return LockstepEngine(model, tokenizer, **options)
+
+
+def follow(model, tokenizer, group) -> None:
+    """A follower's life: make the engines rank 0 makes, step when it steps, until it exits."""
+    engines: OrderedDict[int, LockstepEngine] = OrderedDict()
+    while True:
+        message = broadcast(None, group)
+        if message[0] == "exit":
+            return
+        if message[0] == "engine":
+            _, eid, options = message
+            engines[eid] = LockstepEngine(model, tokenizer, eid=eid, **options)
+            while len(engines) > KEPT_ENGINES:
+                engines.popitem(last=False)
+        elif message[0] == "step":
+            _, eid, news, cancels = message
+            engine = engines[eid]
+            engine.apply(news, cancels)
+            engine.step()
+
