@@ -42,7 +42,7 @@ def world() -> Optional[Any]:
 
 
 def _sum(buffer: np.ndarray, group) -> np.ndarray:
-    out = mx.distributed.all_sum(mx.array(buffer), group=group, stream=mx.cpu)
+    out = mx.distributed.all_sum(mx.array(buffer), group=group)
     return np.array(out)
 
 

@@ -133,8 +133,10 @@ class LockstepEngine(Engine):
                 self.streams[sid].cancelled = True
 
     def _agree(self, tokens: mx.array) -> mx.array:
-        mine = tokens if self.leader else mx.zeros_like(tokens)
-        return mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu)
+        # on the step's own stream, after this rank's forward: collectives on two streams could
+        # pair one rank's token sum with another's layer sum
+        mine = tokens if self.leader else tokens * 0
+        return mx.distributed.all_sum(mine, group=self.group)
 
 
 def engine_for(model, tokenizer, **options) -> Engine:

@@ -1,0 +1,110 @@
+"""Tensor parallel over mx.distributed: 2 ranks on loopback (mlx.launch --backend ring) against
+one process, on the tiny Mistral-quirk shape and the small preset."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_mistral.config import ModelArgs
+from mlx_mistral.distributed.shard import check_ranks, local_args, split_axis
+from mlx_mistral.errors import MistralError
+from mlx_mistral.synth import synth
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = ROOT / "tests" / "distributed_probe.py"
+CLI = Path(sys.executable).parent / "mlx-mistral"
+LAUNCH = shutil.which("mlx.launch")
+needs_launch = pytest.mark.skipif(LAUNCH is None or not mx.distributed.is_available(),
+                                  reason="mlx.launch and the ring backend are not available")
+TIMEOUT = 900  # two ranks on a busy 2-core machine: loading and importing dominate
+
+
+def launch(*args: str, n: int = 2) -> subprocess.CompletedProcess:
+    cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--python", sys.executable, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+
+
+def probe(folder: Path, out: Path, ranks: int, *extra: str) -> dict:
+    args = [PROBE, "--model", folder, "--out", out, *extra]
+    if ranks == 1:
+        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+    else:
+        done = launch(*args, n=ranks)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return {"tiny": synth(root / "tiny", "tiny"), "tiny-q4": synth(root / "tiny-q4", "tiny", bits=4)}
+
+
+def test_split_axes_follow_megatron():
+    assert split_axis("model.layers.3.self_attn.q_proj.weight") == 0
+    assert split_axis("model.layers.3.mlp.up_proj.scales") == 0
+    assert split_axis("model.layers.3.self_attn.o_proj.weight") == -1
+    assert split_axis("model.layers.3.mlp.down_proj.biases") == -1
+    assert split_axis("model.embed_tokens.weight") == 0
+    assert split_axis("lm_head.scales") == 0
+    assert split_axis("model.layers.3.input_layernorm.weight") is None
+    assert split_axis("model.norm.weight") is None
+
+
+def test_rank_count_that_does_not_divide_the_heads_is_one_line():
+    args = ModelArgs(hidden_size=5120, num_hidden_layers=40, intermediate_size=32768, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=131072)
+    assert local_args(args, 4).num_key_value_heads == 2 and local_args(args, 8).num_attention_heads == 4
+    with pytest.raises(MistralError, match="3 ranks do not divide the model's 8 KV heads: run on 1 or 2 or 4 or 8"):
+        check_ranks(args, 3)
+
+
+@needs_launch
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kv_bits", [("tiny", None), ("tiny-q4", None), ("tiny-q4", 8)])
+def test_two_ranks_match_one_process(folders, tmp_path, name, kv_bits):
+    extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
+    one = probe(folders[name], tmp_path / "one.npz", 1, *extra)
+    two = probe(folders[name], tmp_path / "two.npz", 2, *extra)
+    np.testing.assert_array_equal(one["ids"], two["ids"])  # greedy ids: identical
+    np.testing.assert_allclose(two["prefill"], one["prefill"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(two["decode"], one["decode"], atol=1e-4, rtol=1e-4)
+    assert len(two["resident"]) == 2
+    assert max(two["resident"]) <= 0.55 * one["resident"][0]
+
+
+@needs_launch
+@pytest.mark.slow
+def test_small_preset_two_ranks_match_one_process(tmp_path):
+    folder = synth(tmp_path / "small-q4", "small", bits=4)
+    one = probe(folder, tmp_path / "one.npz", 1)
+    two = probe(folder, tmp_path / "two.npz", 2)
+    np.testing.assert_array_equal(one["ids"], two["ids"])
+    np.testing.assert_allclose(two["decode"], one["decode"], atol=1e-3, rtol=1e-3)
+    assert max(two["resident"]) <= 0.55 * one["resident"][0]
+
+
+@needs_launch
+@pytest.mark.slow
+def test_generate_under_mlx_launch_prints_what_one_process_prints(folders):
+    args = ["generate", "--model", str(folders["tiny"]), "--prompt", "Hello there", "--max-tokens", "10",
+            "--temp", "0"]
+    one = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=TIMEOUT)
+    two = launch(CLI, *args)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout  # rank 0 alone writes to the terminal
+
+
+@needs_launch
+@pytest.mark.slow
+def test_missing_model_folder_is_one_line_on_every_rank(tmp_path):
+    two = launch(CLI, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert two.returncode != 0
+    assert "no such model folder" in two.stderr and "Traceback" not in two.stderr
