@@ -108,3 +108,68 @@ def test_missing_model_folder_is_one_line_on_every_rank(tmp_path):
     two = launch(CLI, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
     assert two.returncode != 0
     assert "no such model folder" in two.stderr and "Traceback" not in two.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the sharded server did not come up")
+
+
+def _ranks(launcher: subprocess.Popen) -> list[int]:
+    """The rank processes mlx.launch started (its children)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@needs_launch
+@pytest.mark.slow
+def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
+    import os
+    import signal
+
+    import openai
+
+    port = _free_port()
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), "serve",
+           "--model", str(folders["tiny"]), "--port", str(port), "--no-ui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
+        messages = [{"role": "user", "content": "Hello"}]
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0,
+                                                     stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == reply.choices[0].message.content  # greedy: the stream says what the reply said
+        ranks = _ranks(proc)
+        assert len(ranks) == 2
+        for pid in ranks:  # as a service manager stops a job: every rank gets SIGTERM
+            os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+        assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import signal
 from collections import OrderedDict
 from typing import Optional
 
@@ -148,6 +149,10 @@ def engine_for(model, tokenizer, **options) -> Engine:
 
 def follow(model, tokenizer, group) -> None:
     """A follower's life: make the engines rank 0 makes, step when it steps, until it exits."""
+    # a signal could stop a follower between two collectives of a step and leave rank 0 waiting
+    # forever; rank 0 handles Ctrl-C and SIGTERM (the server drains) and then releases everyone
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     engines: OrderedDict[int, LockstepEngine] = OrderedDict()
     while True:
         message = broadcast(None, group)

@@ -54,7 +54,7 @@ def split_axis(name: str) -> Optional[int]:
 
 def check_ranks(args: ModelArgs, ranks: int) -> None:
     """One line when `ranks` cannot split this model's heads, FFN or vocabulary evenly."""
-    sizes = {"query heads": args.num_attention_heads, "KV heads": args.num_key_value_heads,
+    sizes = {"KV heads": args.num_key_value_heads, "query heads": args.num_attention_heads,
              "intermediate_size": args.intermediate_size, "vocab_size": args.vocab_size}
     for what, n in sizes.items():
         if n % ranks:
