@@ -173,3 +173,16 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@needs_launch
+@pytest.mark.slow
+def test_chat_under_mlx_launch_matches_one_process_across_turns_and_reset(folders):
+    # turn 2 reuses turn 1's KV on every rank; after /reset every rank starts over
+    turns = "Hello\nTell me more\n/reset\nHello\n/quit\n"
+    args = ["chat", "--model", str(folders["tiny"]), "--max-tokens", "6", "--temp", "0", "--context", "512"]
+    one = subprocess.run([str(CLI), *args], input=turns, capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), *args]
+    two = subprocess.run(cmd, input=turns, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout

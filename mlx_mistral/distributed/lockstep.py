@@ -30,7 +30,11 @@ from ..errors import MistralError
 from .group import broadcast
 
 KEPT_ENGINES = 4  # followers keep the latest few engines (one per API call, one per server)
+KEPT_CONVERSATIONS = 8  # and the copies of the conversations rank 0 passed most recently
+# conversations outlive engines (the chat REPL makes an engine per turn): one registry per process
+CONVERSATIONS: OrderedDict[int, ConversationCache] = OrderedDict()
 _engine_ids = itertools.count()
+_conversation_ids = itertools.count()
 
 
 class LockstepStream(Stream):
@@ -53,7 +57,6 @@ class LockstepEngine(Engine):
         self.leader = self.group.rank() == 0
         self.inbox: list[tuple[LockstepStream, Optional[ConversationCache]]] = []
         self.streams: dict[int, LockstepStream] = {}  # the same ids on every rank
-        self.conversations: dict[int, ConversationCache] = {}
         self._ids = itertools.count()
         if self.leader:
             eid = next(_engine_ids)
@@ -69,6 +72,9 @@ class LockstepEngine(Engine):
             raise MistralError("speculative decoding does not run on a sharded model")
         if cache is not None and not isinstance(cache, ConversationCache):
             raise MistralError("a sharded model's engine takes a ConversationCache, not a list of caches")
+        if cache is not None and cache.tokens and all(c is not cache for c in CONVERSATIONS.values()):
+            # the other ranks would start from an empty copy: a cache file holds one rank's KV
+            raise MistralError("a prompt cache made outside this engine cannot be used on a sharded model")
         request = dataclasses.replace(request, speculation=Speculation("none"))
         self.check(request, cache)
         stream = LockstepStream(request)
@@ -105,15 +111,15 @@ class LockstepEngine(Engine):
         self.apply(news, cancels)
 
     def _conversation_ref(self, cache: Optional[ConversationCache]):
-        """How the followers find their copy of rank 0's conversation: (id, KV settings)."""
+        """How the followers find their copy of rank 0's conversation: (id, KV settings, the ids
+        it holds now; a caller may have reset it, as the chat REPL's /reset does)."""
         if cache is None:
             return None
-        for cid, known in self.conversations.items():
-            if known is cache:
-                return cid, cache.settings
-        cid = len(self.conversations)
-        self.conversations[cid] = cache
-        return cid, cache.settings
+        cid = next((c for c, known in CONVERSATIONS.items() if known is cache), None)
+        if cid is None:
+            cid = next(_conversation_ids)
+            CONVERSATIONS[cid] = cache
+        return cid, cache.settings, tuple(cache.tokens)
 
     def apply(self, news: list, cancels: list[int]) -> None:
         """Queue the broadcast requests and mark the broadcast cancellations (every rank)."""
@@ -121,12 +127,17 @@ class LockstepEngine(Engine):
             stream = self.streams.setdefault(sid, LockstepStream(request))
             cache = None
             if ref is not None:
-                cid, settings = ref
-                if cid not in self.conversations:
-                    self.conversations[cid] = ConversationCache(self.model, kv_bits=settings.kv_bits,
+                cid, settings, held = ref
+                if cid not in CONVERSATIONS:
+                    CONVERSATIONS[cid] = ConversationCache(self.model, kv_bits=settings.kv_bits,
                                                                 kv_group_size=settings.kv_group_size,
                                                                 max_kv_size=settings.max_kv_size)
-                cache = self.conversations[cid]
+                cache = CONVERSATIONS[cid]
+                CONVERSATIONS.move_to_end(cid)
+                while not self.leader and len(CONVERSATIONS) > KEPT_CONVERSATIONS:
+                    CONVERSATIONS.popitem(last=False)
+                if not self.leader:  # trim this copy to what rank 0's holds (-1: no id, keeps all)
+                    cache.reuse(list(held) + [-1])
             with self.lock:
                 self.waiting.append((stream, cache))
         for sid in cancels:
