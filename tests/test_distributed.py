@@ -68,7 +68,7 @@ def test_rank_count_that_does_not_divide_the_heads_is_one_line():
 
 @needs_launch
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kv_bits", [("tiny", None), ("tiny-q4", None), ("tiny-q4", 8)])
+@pytest.mark.parametrize("name,kv_bits", [("tiny", None), ("tiny-q4", None)])
 def test_two_ranks_match_one_process(folders, tmp_path, name, kv_bits):
     extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
     one = probe(folders[name], tmp_path / "one.npz", 1, *extra)
@@ -82,12 +82,19 @@ def test_two_ranks_match_one_process(folders, tmp_path, name, kv_bits):
 
 @needs_launch
 @pytest.mark.slow
-def test_small_preset_two_ranks_match_one_process(tmp_path):
-    folder = synth(tmp_path / "small-q4", "small", bits=4)
-    one = probe(folder, tmp_path / "one.npz", 1)
-    two = probe(folder, tmp_path / "two.npz", 2)
+@pytest.mark.parametrize("kv_bits", [None, 8])  # quantized KV: the tiny shape's head_dim has no KV group
+def test_small_preset_two_ranks_match_one_process(tmp_path_factory, tmp_path, kv_bits):
+    folder = tmp_path_factory.getbasetemp() / "small-q4"
+    if not folder.exists():
+        synth(folder, "small", bits=4)
+    extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
+    one = probe(folder, tmp_path / "one.npz", 1, *extra)
+    two = probe(folder, tmp_path / "two.npz", 2, *extra)
     np.testing.assert_array_equal(one["ids"], two["ids"])
-    np.testing.assert_allclose(two["decode"], one["decode"], atol=1e-3, rtol=1e-3)
+    # the split sums o/down in two partial sums: float32 rounding differs, and 8-bit KV groups
+    # can round a value the other way
+    np.testing.assert_allclose(two["prefill"], one["prefill"], atol=2e-2)
+    np.testing.assert_allclose(two["decode"], one["decode"], atol=2e-2)
     assert max(two["resident"]) <= 0.55 * one["resident"][0]
 
 
@@ -106,7 +113,8 @@ def test_generate_under_mlx_launch_prints_what_one_process_prints(folders):
 @pytest.mark.slow
 def test_missing_model_folder_is_one_line_on_every_rank(tmp_path):
     two = launch(CLI, "generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
-    assert two.returncode != 0
+    # mlx.launch itself exits 0 whatever its ranks return: it reports them on stderr
+    assert "rank 0 exited with code 1" in two.stderr
     assert "no such model folder" in two.stderr and "Traceback" not in two.stderr
 
 
@@ -158,9 +166,9 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
         _wait_healthy(url, proc)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
         messages = [{"role": "user", "content": "Hello"}]
-        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
-        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0,
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                                      stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == reply.choices[0].message.content  # greedy: the stream says what the reply said
