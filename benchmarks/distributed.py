@@ -122,6 +122,10 @@ def report(results: dict, estimate: list[dict], dest: Path) -> None:
         lines.append(f"| {n} | {r0['prefill_tps']:.1f} | {r0['decode_tps']:.2f} | "
                      f"{max(r['resident_weight_bytes'] for r in rows) / 1e6:.1f} | "
                      f"{max(r['peak_memory_bytes'] for r in rows) / 1e6:.1f} |")
+    latency = max(r["all_sum_latency_s"] or 0 for rows in results["runs"].values() for r in rows)
+    lines += ["", f"One all_sum of a decode row between the ranks: {latency * 1e3:.2f} ms on {results['cpu']} "
+              f"({results['preset']} preset, {results['prompt_tokens']}-token prompt, {results['decode_tokens']} "
+              "decoded tokens)."]
     lines += ["", "Paper estimate, Mistral Small 3 4-bit, decode (M4 Pro 273 GB/s at 75%):", "",
               "| Macs | link | ms/token | tokens/s |", "|---|---|---|---|"]
     lines += [f"| {e['macs']} | {e['link']} | {e['ms_per_token']:.1f} | {e['tokens_per_s']:.1f} |" for e in estimate]
@@ -148,7 +152,7 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.worker:
         return worker(opts.model, opts.prompt, opts.tokens, opts.out)
-    from mlx_mistral.bench import backend
+    from mlx_mistral.bench import device_slug
     from mlx_mistral.synth import synth
 
     folder = synth(CACHE_DIR / f"{opts.preset}-q4", opts.preset, bits=4)
@@ -157,7 +161,7 @@ def main() -> None:
     runs = {str(n): run(n, folder, opts.prompt, opts.tokens, scratch) for n in (1, 2)}
     results = {"preset": opts.preset, "prompt_tokens": opts.prompt, "decode_tokens": opts.tokens,
                "cpu": _cpu_name(), "runs": runs}
-    report(results, paper_estimate(), OUT_DIR / backend())
+    report(results, paper_estimate(), OUT_DIR / device_slug())
 
 
 def _cpu_name() -> str:
