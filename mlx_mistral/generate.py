@@ -13,7 +13,7 @@ import mlx.core as mx
 from .cache import ConversationCache, KVSettings
 from .constrain import Limits, ToolChoice
 from .distributed.lockstep import engine_for
-from .engine import Constraint, Engine, Request, Response, Speculation
+from .engine import Constraint, Request, Response, Speculation
 from .engine.steps import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill  # noqa: F401
 from .errors import MistralError
 from .sampling import LogitsProcessor, SamplingParams

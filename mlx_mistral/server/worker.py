@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from ..engine import DEFAULT_MAX_BATCH, Engine, Request, Response, Stream
+from ..engine import DEFAULT_MAX_BATCH, Request, Response, Stream
 from ..distributed.lockstep import engine_for
 from .metrics import Metrics
 
