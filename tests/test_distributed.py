@@ -176,8 +176,9 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
         assert len(ranks) == 2
         for pid in ranks:  # as a service manager stops a job: every rank gets SIGTERM
             os.kill(pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-        assert proc.returncode == 0, proc.stderr.read()[-2000:]
+        _, err = proc.communicate(timeout=120)
+        # mlx.launch exits 0 whatever its ranks do; it names a rank that failed or was killed
+        assert proc.returncode == 0 and "exited with code" not in err and "was killed" not in err, err[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
