@@ -3,6 +3,7 @@ one process, on the tiny Mistral-quirk shape and the small preset."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -194,4 +195,6 @@ def test_chat_under_mlx_launch_matches_one_process_across_turns_and_reset(folder
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), *args]
     two = subprocess.run(cmd, input=turns, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout == one.stdout
+    speeds = re.compile(r"[\d.]+ tokens/s")  # timings differ; the replies and cached counts must not
+    assert "cached" in one.stdout
+    assert speeds.sub("", two.stdout) == speeds.sub("", one.stdout)
