@@ -181,7 +181,9 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
         # mlx.launch exits 0 whatever its ranks do; it names a rank that failed or was killed
         assert proc.returncode == 0 and "exited with code" not in err and "was killed" not in err, err[-2000:]
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test must not leave the ranks serving: the launcher's kill spares them
+            for pid in _ranks(proc):
+                os.kill(pid, signal.SIGKILL)
             proc.kill()
 
 
