@@ -13,7 +13,8 @@ import mlx.core as mx
 from .budget import fit_to_budget
 from .cache import ConversationCache, KVSettings
 from .constrain import Limits, ToolChoice
-from .engine import Constraint, Engine, Request, Response, Speculation
+from .distributed.lockstep import engine_for
+from .engine import Constraint, Request, Response, Speculation
 from .engine.steps import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill  # noqa: F401
 from .errors import MistralError
 from .sampling import LogitsProcessor, SamplingParams
@@ -91,7 +92,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *,
     shape a fresh cache; a given ConversationCache must have been made with the same ones.
     """
     request = build_request(tokenizer, prompt, **kwargs)
-    engine = Engine(model, tokenizer, max_batch=request.n, prefill_chunk=prefill_step_size)
+    engine = engine_for(model, tokenizer, max_batch=request.n, prefill_chunk=prefill_step_size)
     mx.reset_peak_memory()
     yield from engine.responses(engine.submit(request, prompt_cache))
 

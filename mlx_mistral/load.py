@@ -204,7 +204,15 @@ def load(path_or_hub_id: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: 
     Refuses up front (MistralError with the numbers) when the weights, plus the KV cache of
     `context` tokens with the kv options, do not fit this machine's memory (see memory.py)."""
     from . import memory
+    from .distributed import launched
 
+    if launched():  # one rank of several under mlx.launch: this rank's shard (distributed/load.py)
+        from .distributed.group import world
+        from .distributed.load import load as load_shard
+
+        if world() is not None:
+            return load_shard(path_or_hub_id, world(), dtype=dtype, context=context, kv_bits=kv_bits,
+                              kv_group_size=kv_group_size, max_kv_size=max_kv_size)
     folder = resolve(path_or_hub_id)
     config = read_config(folder)
     weight_files(folder)  # fail on a broken folder before the slow parts

@@ -171,6 +171,7 @@ class Model(nn.Module):
         self.model = Transformer(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.group = None  # the mx.distributed group of a sharded model (distributed/shard.py)
 
     @classmethod
     def from_config(cls, args: ModelArgs) -> "Model":

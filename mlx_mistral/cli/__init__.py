@@ -61,5 +61,12 @@ for command in (generate, chat, synth, convert_cmd, info, cache_prompt_command, 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from ..distributed import follower_main
+
+    try:  # under mlx.launch, ranks other than 0 follow rank 0's engine instead of a command
+        if follower_main():
+            return
+    except MistralError as e:
+        raise SystemExit(f"Error: {e}") from None
     cli.main(args=argv, prog_name="mlx-mistral")
 

@@ -35,6 +35,10 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
     from ..load import load_model, resolve
     from .bench_view import live_progress, result_header, result_table
 
+    from ..distributed import launched
+
+    if launched():  # bench times generate_step on one process; the sharded benchmark is separate
+        raise click.ClickException("bench does not run under mlx.launch yet: use benchmarks/distributed.py")
     folder = resolve(model)
     _check_plan(folder, prompt_tokens + generation_tokens)
     console = Console(stderr=True)

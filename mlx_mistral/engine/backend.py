@@ -27,6 +27,8 @@ def native_refusal(model) -> Optional[str]:
         return f"MLX runs on {dispatch.backend()}, not its CPU backend"
     if os.environ.get(NATIVE_ENV) == "0":
         return f"{NATIVE_ENV}=0"
+    if getattr(model, "group", None) is not None:
+        return "the model is sharded (its all_sums run between MLX ops)"
     if dispatch.cpu_kernels() is None:
         return "the native CPU kernels are not available"
     if not isinstance(model, Model):  # the decoder reads Model's own layout of weights

@@ -59,6 +59,15 @@ class Engine:
         """Queue `request`; its responses arrive on the returned stream. `cache` is a per-layer
         cache list (used as is, the prompt's ids all new to it) or a ConversationCache (its
         common prefix with the prompt is reused); by default the engine's pool provides one."""
+        self.check(request, cache)
+        stream = Stream(request)
+        with self.wake:
+            self.waiting.append((stream, cache))
+            self.wake.notify()
+        return stream
+
+    def check(self, request: Request, cache: Union[None, list, ConversationCache] = None) -> None:
+        """Refuses, with one line, a request this engine cannot run (submit calls it)."""
         args = self.model.args
         request.check_fits(args.vocab_size, args.max_position_embeddings)
         request.kv.check(args.head_dim)
@@ -71,11 +80,6 @@ class Engine:
             raise MistralError(f"the prompt cache holds {cache.settings.describe()}, "
                                f"not the {request.kv.describe()} asked for")
         self._speculation_step(request)  # refuses a bad mode or draft model now, not mid-stream
-        stream = Stream(request)
-        with self.wake:
-            self.waiting.append((stream, cache))
-            self.wake.notify()
-        return stream
 
     def _admit(self) -> None:
         with self.lock:
@@ -208,10 +212,14 @@ class Engine:
         live = [i for i, seq in enumerate(rows) if not seq.finished]
         if not live:
             return
-        tokens = mx.stack([sampled[i].reshape(()) for i in live])
+        tokens = self._agree(mx.stack([sampled[i].reshape(()) for i in live]))
         mx.eval(tokens, *[logprobs[i] for i in live if logprobs[i] is not None])
         for i, token in zip(live, tokens.tolist()):
             rows[i].accept(token, logprobs[i])
+
+    def _agree(self, tokens: mx.array) -> mx.array:
+        """The ids every copy of this engine takes (a sharded engine: rank 0's; distributed/)."""
+        return tokens
 
     def _retire(self) -> None:
         done = [s for s in self.active if s.finished]

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from ..engine import DEFAULT_MAX_BATCH, Engine, Request, Response, Stream
+from ..distributed.lockstep import engine_for
+from ..engine import DEFAULT_MAX_BATCH, Request, Response, Stream
 from ..errors import first_line
 from .metrics import Metrics
 
@@ -61,7 +62,7 @@ class Worker:
     def __init__(self, model, tokenizer, metrics: Metrics, *, prefix_cache: bool = True,
                  max_batch: int = DEFAULT_MAX_BATCH):
         # two kept conversations per slot: a client's next turn usually finds its own
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, prefix_cache=2 * max_batch if prefix_cache else 0)
+        self.engine = engine_for(model, tokenizer, max_batch=max_batch, prefix_cache=2 * max_batch if prefix_cache else 0)
         self.metrics = metrics
         self.jobs: list[Job] = []
         self.jobs_lock = threading.Lock()

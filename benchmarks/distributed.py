@@ -1,0 +1,175 @@
+"""Tensor parallel on one machine: decode and prefill tokens/s and per-rank memory at 1 and 2
+ranks (each rank pinned to its own core, one BLAS thread), plus a paper estimate for 2 and 4
+Macs from memory bandwidth and the link's latency per all_sum.
+
+    python benchmarks/distributed.py [--preset small] [--prompt 128] [--tokens 32]
+
+Writes benchmarks/results/<backend>/distributed.{json,png,md}. The 1-rank run is one process
+on the MLX-ops path (the path a sharded model takes), so the two differ only by the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE_DIR = Path.home() / ".cache" / "mlx-mistral-bench"
+OUT_DIR = Path(__file__).resolve().parent / "results"
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MLX_CPU_THREADS")}
+
+# Paper estimate: Mistral Small 3 (24B) 4-bit, decode of one row. Assumptions, not measurements:
+WEIGHT_GB = 13.3  # the 4-bit folder
+LAYERS, HIDDEN, VOCAB = 40, 5120, 131072
+MAC_GBPS = 273.0  # M4 Pro memory bandwidth (Apple's figure)
+EFFICIENCY = 0.75  # of peak bandwidth a decode step reaches on a Mac (typical for 4-bit GEMV)
+LINKS = {  # one hop's latency (s) and bandwidth (bytes/s)
+    "Thunderbolt 5 (ring, TCP)": (40e-6, 6e9),
+    "Thunderbolt 5 (JACCL, RDMA)": (8e-6, 8e9),
+    "10 GbE (ring, TCP)": (80e-6, 1.1e9),
+}
+
+
+def paper_estimate() -> list[dict]:
+    """tokens/s = 1 / (weights / (N * bandwidth) + collectives). A ring all_sum over N ranks
+    takes 2(N - 1) hops; each layer has two (after o and after down), plus the embedding's sum
+    and the head's gather of VOCAB/N logits per rank."""
+    rows = []
+    single = WEIGHT_GB * 1e9 / (MAC_GBPS * 1e9 * EFFICIENCY)
+    rows.append({"macs": 1, "link": "-", "ms_per_token": single * 1e3, "tokens_per_s": 1 / single})
+    for n in (2, 4):
+        for link, (latency, bandwidth) in LINKS.items():
+            hops = 2 * (n - 1)
+            sums = (2 * LAYERS + 1) * hops * (latency + HIDDEN * 2 / n / bandwidth)  # bf16 rows, chunked
+            gather = (n - 1) * (latency + VOCAB / n * 4 / bandwidth)
+            t = single / n + sums + gather
+            rows.append({"macs": n, "link": link, "ms_per_token": t * 1e3, "tokens_per_s": 1 / t})
+    return rows
+
+
+def worker(model: str, prompt_len: int, tokens: int, out: str) -> None:
+    """One rank (or the single process): time prefill and decode, record memory."""
+    import mlx_mistral  # noqa: F401  (loads OpenBLAS before MLX)
+    import mlx.core as mx
+
+    from mlx_mistral.cache import make_cache
+    from mlx_mistral.distributed.group import world
+    from mlx_mistral.distributed.load import load_sharded_model
+    from mlx_mistral.distributed.shard import resident_bytes
+    from mlx_mistral.load import load_model
+
+    group = world()
+    rank = group.rank() if group else 0
+    os.sched_setaffinity(0, {rank % os.cpu_count()})  # each rank on its own core
+    model = load_sharded_model(Path(model), group) if group else load_model(model)
+    model.native = False
+    prompt = mx.random.randint(100, model.args.vocab_size, (1, prompt_len), key=mx.random.key(0))
+    for _ in range(2):  # the first pass warms MLX's buffers; the second is timed
+        cache = make_cache(model)
+        tic = time.perf_counter()
+        y = mx.argmax(model(prompt, cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+        prefill = time.perf_counter() - tic
+    tic = time.perf_counter()
+    for _ in range(tokens):
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+    decode = time.perf_counter() - tic
+    latency = None
+    if group:  # one all_sum of a decode row's hidden state, the collective a layer waits on
+        x = mx.ones((1, model.args.hidden_size))
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        tic = time.perf_counter()
+        for _ in range(100):
+            mx.eval(mx.distributed.all_sum(x, group=group))
+        latency = (time.perf_counter() - tic) / 100
+    result = {"rank": rank, "prefill_tps": prompt_len / prefill, "decode_tps": tokens / decode,
+              "resident_weight_bytes": resident_bytes(model), "peak_memory_bytes": mx.get_peak_memory(),
+              "all_sum_latency_s": latency}
+    Path(f"{out}.{rank}").write_text(json.dumps(result))
+
+
+def run(ranks: int, folder: Path, prompt_len: int, tokens: int, scratch: Path) -> list[dict]:
+    out = scratch / f"r{ranks}"
+    args = [str(Path(__file__).resolve()), "--worker", "--model", str(folder), "--prompt", str(prompt_len),
+            "--tokens", str(tokens), "--out", str(out)]
+    env = dict(os.environ, **ONE_THREAD)
+    if ranks == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [shutil.which("mlx.launch"), "-n", str(ranks), "--backend", "ring", "--python", sys.executable, *args]
+    subprocess.run(cmd, check=True, env=env)
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(ranks)]
+
+
+def report(results: dict, estimate: list[dict], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "distributed.json").write_text(json.dumps({"measured": results, "paper_estimate": estimate}, indent=2))
+    lines = ["| ranks | prefill tok/s | decode tok/s | weights per rank (MB) | peak per rank (MB) |",
+             "|---|---|---|---|---|"]
+    for n, rows in results["runs"].items():
+        r0 = rows[0]
+        lines.append(f"| {n} | {r0['prefill_tps']:.1f} | {r0['decode_tps']:.2f} | "
+                     f"{max(r['resident_weight_bytes'] for r in rows) / 1e6:.1f} | "
+                     f"{max(r['peak_memory_bytes'] for r in rows) / 1e6:.1f} |")
+    latency = max(r["all_sum_latency_s"] or 0 for rows in results["runs"].values() for r in rows)
+    lines += ["", f"One all_sum of a decode row between the ranks: {latency * 1e3:.2f} ms on {results['cpu']} "
+              f"({results['preset']} preset, {results['prompt_tokens']}-token prompt, {results['decode_tokens']} "
+              "decoded tokens)."]
+    lines += ["", "Paper estimate, Mistral Small 3 4-bit, decode (M4 Pro 273 GB/s at 75%):", "",
+              "| Macs | link | ms/token | tokens/s |", "|---|---|---|---|"]
+    lines += [f"| {e['macs']} | {e['link']} | {e['ms_per_token']:.1f} | {e['tokens_per_s']:.1f} |" for e in estimate]
+    (dest / "distributed.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(results["runs"])
+    ax[0].bar(names, [results["runs"][n][0]["decode_tps"] for n in names])
+    ax[0].set(title="decode (small preset, this CPU)", xlabel="ranks", ylabel="tokens/s")
+    ax[1].bar(names, [max(r["resident_weight_bytes"] for r in results["runs"][n]) / 1e6 for n in names])
+    ax[1].set(title="weights per rank", xlabel="ranks", ylabel="MB")
+    fig.tight_layout()
+    fig.savefig(dest / "distributed.png", dpi=120)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--model")
+    parser.add_argument("--out")
+    opts = parser.parse_args()
+    if opts.worker:
+        return worker(opts.model, opts.prompt, opts.tokens, opts.out)
+    from mlx_mistral.bench import device_slug
+    from mlx_mistral.synth import synth
+
+    folder = synth(CACHE_DIR / f"{opts.preset}-q4", opts.preset, bits=4)
+    scratch = CACHE_DIR / "distributed"
+    scratch.mkdir(parents=True, exist_ok=True)
+    runs = {str(n): run(n, folder, opts.prompt, opts.tokens, scratch) for n in (1, 2)}
+    results = {"preset": opts.preset, "prompt_tokens": opts.prompt, "decode_tokens": opts.tokens,
+               "cpu": _cpu_name(), "runs": runs}
+    report(results, paper_estimate(), OUT_DIR / device_slug())
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
