@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .budget import fit_to_budget
 from .cache import ConversationCache, KVSettings
-from .constrain import Limits, ToolChoice
+from .constrain import Limits, ToolChoice, check_constraints
 from .distributed.lockstep import engine_for
 from .engine import Constraint, Request, Response, Speculation
 from .engine.steps import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill  # noqa: F401
@@ -62,6 +62,7 @@ def build_request(tokenizer, prompt: Prompt, *, max_tokens: int = 256, temperatu
         validate_request([], tools)
     sampling_more = {k: more.pop(k) for k in ("presence_penalty", "frequency_penalty", "logit_bias") if k in more}
     sampling = SamplingParams(temperature, top_p, top_k, min_p, seed, repetition_penalty, **sampling_more)
+    check_constraints(tools, response_format)  # a schema no value satisfies, before any sizing
     # a forced call is sized to finish within max_tokens (or refused when it cannot)
     limits = fit_to_budget(tokenizer, tools, tool_choice, limits or Limits(), max_tokens)
     constraint = Constraint(tools, tool_choice, response_format, parallel_tool_calls, limits)

@@ -162,7 +162,8 @@ def test_an_unsatisfiable_constraint_is_one_line(tiny_dir, tmp_path, name, optio
     content = schema if option == "--json-schema" else [{"name": "f", "parameters": schema}]
     f.write_text(json.dumps(content))
     extra = ["--tool-choice", "required"] if option == "--tools" else []
-    r = run(["generate", "-m", tiny_dir, "-p", "hi", "-n", "8", option, f, *extra])
+    # a budget that holds a minimal call: the schema, not max_tokens, is what is refused
+    r = run(["generate", "-m", tiny_dir, "-p", "hi", "-n", "64", option, f, *extra])
     assert r.exit_code == 1, r.output
     line = one_line(r.stderr)
     assert "schema" in line
