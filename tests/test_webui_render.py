@@ -58,3 +58,13 @@ def test_the_render_endpoint_is_guarded_like_the_api(keyed):
     assert r.status_code == 200 and r.json() == {"html": "<p><strong>hi</strong></p>\n"}
     bad = keyed.post("/ui/markdown", json={"text": 3}, headers={"Authorization": f"Bearer {KEY}"})
     assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_no_ui_serves_no_page(tiny):
+    from mlx_mistral.server import create_app
+
+    model, tok = tiny
+    client = TestClient(create_app(model, tok, ui=False))  # no lifespan: the worker never starts
+    assert client.get("/").status_code == 404
+    assert client.post("/ui/markdown", json={"text": "*x*"}).status_code == 404
+    assert TestClient(create_app(model, tok)).get("/").status_code == 200
