@@ -14,7 +14,7 @@ from .budget import fit_to_budget
 from .cache import ConversationCache, KVSettings
 from .constrain import Limits, ToolChoice, check_constraints
 from .distributed.lockstep import engine_for
-from .engine import Constraint, Request, Response, Speculation
+from .engine import Constraint, Engine, Request, Response, Speculation
 from .engine.steps import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill  # noqa: F401
 from .errors import MistralError
 from .sampling import LogitsProcessor, SamplingParams

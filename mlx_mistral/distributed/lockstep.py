@@ -153,7 +153,7 @@ class LockstepEngine(Engine):
 
 def engine_for(model, tokenizer, **options) -> Engine:
     """The engine for `model`: in lockstep across the ranks when it is sharded."""
-    if model.group is None:
+    if getattr(model, "group", None) is None:  # also models other than ours (mlx-lm style)
         return Engine(model, tokenizer, **options)
     return LockstepEngine(model, tokenizer, **options)
 
