@@ -127,6 +127,16 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def embedding_rows(embed: nn.Module, tokens: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Embedding rows in the compute dtype `dtype`. Quantized rows are dequantized with their
+    scales in that dtype: the scales stay stored in 16 bits, and dequantizing in 16 bits would
+    round every row of the residual stream (~0.4% on the tiny preset)."""
+    if not isinstance(embed, nn.QuantizedEmbedding):
+        return embed(tokens)
+    return mx.dequantize(embed["weight"][tokens], embed["scales"][tokens].astype(dtype),
+                         embed["biases"][tokens].astype(dtype), group_size=embed.group_size, bits=embed.bits)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -135,15 +145,7 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """Embedding rows in the compute dtype (the norm weights'). Quantized rows are dequantized
-        with their scales in that dtype: the scales stay stored in 16 bits, and dequantizing in
-        16 bits would round every row of the residual stream (~0.4% on the tiny preset)."""
-        embed = self.embed_tokens
-        if not isinstance(embed, nn.QuantizedEmbedding):
-            return embed(tokens)
-        dtype = self.norm.weight.dtype
-        return mx.dequantize(embed["weight"][tokens], embed["scales"][tokens].astype(dtype),
-                             embed["biases"][tokens].astype(dtype), group_size=embed.group_size, bits=embed.bits)
+        return embedding_rows(self.embed_tokens, tokens, self.norm.weight.dtype)
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         h = self.embed(tokens)  # (B, T, hidden)

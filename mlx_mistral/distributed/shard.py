@@ -29,6 +29,7 @@ import mlx.nn as nn
 from ..config import ModelArgs
 from ..errors import MistralError
 from ..kernels.layers import DispatchedQuantizedLinear
+from ..model import embedding_rows
 
 # tensor-name patterns -> the axis a rank slices (0: output rows, -1: input columns)
 SPLIT_AXES = [
@@ -88,16 +89,17 @@ class VocabEmbedding(nn.Module):
     """An embedding whose rows [start, start + rows) live here: each rank looks up the ids it
     owns, contributes zeros for the others, and the all_sum assembles every row."""
 
-    def __init__(self, embed: nn.Module, start: int, group):
+    def __init__(self, embed: nn.Module, start: int, group, dtype: mx.Dtype):
         super().__init__()
         self.embed = embed
+        self.dtype = dtype  # the compute dtype the rows are dequantized in
         self.start, self.rows = start, embed["weight"].shape[0]  # packed or not, rows are vocabulary ids
         self.group = group
 
     def __call__(self, ids: mx.array) -> mx.array:
         local = ids - self.start
         mine = (local >= 0) & (local < self.rows)  # (B, T)
-        h = self.embed(mx.where(mine, local, 0))  # (B, T, hidden)
+        h = embedding_rows(self.embed, mx.where(mine, local, 0), self.dtype)  # (B, T, hidden)
         return mx.distributed.all_sum(h * mine[..., None].astype(h.dtype), group=self.group)
 
 
@@ -135,7 +137,8 @@ def wire(model, args: ModelArgs, group) -> None:
         layer.mlp.down_proj = SumAcross(layer.mlp.down_proj, group)
     embed = model.model.embed_tokens
     head = tied_head(embed) if args.tie_word_embeddings else model.lm_head
-    model.model.embed_tokens = VocabEmbedding(embed, rank * args.vocab_size // ranks, group)
+    model.model.embed_tokens = VocabEmbedding(embed, rank * args.vocab_size // ranks, group,
+                                              model.model.norm.weight.dtype)
     model.lm_head = VocabHead(head, group)
     # the head is its own module now, also for tied embeddings
     model.args = dataclasses.replace(args, tie_word_embeddings=False)
