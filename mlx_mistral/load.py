@@ -170,6 +170,20 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     model.update(tree_map_with_path(cast, model.parameters()))
 
 
+def fill(model: Model, folder: Path, args: ModelArgs, weights: dict, dtype: Optional[mx.Dtype]) -> None:
+    """Put `weights` into `model` (quantized as the folder says) and cast it to the compute
+    dtype. The caller keeps no reference to `weights`: fusing replaces them afterwards."""
+    if args.quantization:
+        quantize_like_folder(model, args.quantization, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise MistralError(f"weights in {folder} do not match config.json: {first_line(e)}") from e
+    dtype = dtype or compute_dtype()
+    if dtype is not None:
+        cast_floats(model, dtype)
+
+
 def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
                fuse: bool = True) -> Model:
     """The model of a local folder. `dtype` overrides the compute dtype policy; `fuse=False`
@@ -177,17 +191,7 @@ def load_model(path: str | Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool
     folder = Path(path)
     args = ModelArgs.from_dict(read_config(folder), source=str(folder / "config.json"))
     model = Model(args)
-    weights = model.sanitize(load_weights(folder))
-    if args.quantization:
-        quantize_like_folder(model, args.quantization, weights)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise MistralError(f"weights in {folder} do not match config.json: {first_line(e)}") from e
-    del weights  # the model holds them now; fusing replaces them, and nothing else may keep them
-    dtype = dtype or compute_dtype()
-    if dtype is not None:
-        cast_floats(model, dtype)
+    fill(model, folder, args, model.sanitize(load_weights(folder)), dtype)
     if fuse:
         model.fuse()
     if not lazy:

@@ -15,7 +15,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..config import ModelArgs
-from ..errors import MistralError, first_line
+from ..errors import MistralError
 from .group import agree, broadcast
 from .shard import local_args, split_axis, wire
 from .slices import SafetensorsFile
@@ -37,23 +37,12 @@ def read_slices(folder: Path, model, rank: int, ranks: int) -> dict[str, mx.arra
 
 def load_sharded_model(folder: Path, group, *, dtype: Optional[mx.Dtype] = None):
     """The model of `folder` as this rank's shard, wired with its collectives."""
-    from ..kernels.dispatch import compute_dtype
-    from ..load import cast_floats, quantize_like_folder, read_config
+    from ..load import fill, read_config
     from ..model import Model
 
     args = ModelArgs.from_dict(read_config(folder))
     model = Model(local_args(args, group.size()))
-    weights = read_slices(folder, model, group.rank(), group.size())
-    if args.quantization:
-        quantize_like_folder(model, args.quantization, weights)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise MistralError(f"weights in {folder} do not match config.json: {first_line(e)}") from e
-    del weights
-    dtype = dtype or compute_dtype()
-    if dtype is not None:
-        cast_floats(model, dtype)
+    fill(model, folder, args, read_slices(folder, model, group.rank(), group.size()), dtype)
     model.fuse()
     wire(model, args, group)
     mx.eval(model.parameters())
