@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPERATURE = 0.15  # Mistral's recommendation for Mistral Small 3, as in the CLI
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
-SEED_MODULUS = 2**64  # a request's random key takes an unsigned 64-bit value; clients send any int
 
 router = APIRouter()
 guarded = [Depends(authorize)]
@@ -70,7 +69,7 @@ def generation_params(settings: Settings, body: SamplingRequest, n_prompt: int, 
     if bias and not all(0 <= k < vocab_size for k in bias):
         raise OpenAIError(400, f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias")
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, stop=body.stop,
-                seed=None if body.seed is None else body.seed % SEED_MODULUS,
+                seed=body.seed,  # any int: the sampler reduces it to its 64-bit key
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 logit_bias=bias, logprobs=body.logprobs_k, n=body.n)
 
