@@ -51,7 +51,10 @@ def check_batched_equals_alone(runner, ids: list[list[int]], steps: int = 5, set
     assert batched.shape == (len(ids), runner.model.args.vocab_size)
     alone = [np.array(runner(mx.array([[p[-1]]]), c)[0, -1]) for p, c in zip(ids, alone_caches)]
     for b, want in enumerate(alone):
-        assert scaled_err(batched[b], want) < 1e-4, b  # hidden states reach ~25,000 in SmolLM2
+        # hidden states reach ~25,000 in SmolLM2; a quantized K/V can round one step apart when a
+        # batch's matmul sums in another order than one row's (a flip of 1/255 of a group's range)
+        quantized = settings is not None and settings[b].kv_bits is not None
+        assert scaled_err(batched[b], want) < (1e-2 if quantized else 1e-4), b
     assert [c[0].offset for c in batch_caches] == [len(p) for p in ids]
     # greedy continuation: the batch's tokens equal each sequence's own
     got, want = [batched.argmax(-1).tolist()], [[int(a.argmax()) for a in alone]]
@@ -199,3 +202,51 @@ def test_a_dropped_model_is_freed_with_its_backend(tiny_q4_dir):
     del model
     gc.collect()
     assert gone() is None
+
+
+@native_only
+@pytest.mark.parametrize("window", [512, 7])  # 7: the rows span several C calls
+def test_prefill_chunks_of_several_sequences_in_one_call(tiny_q4, monkeypatch, window):
+    """`Backend.prefill` runs the chunks of several sequences as the rows of one native call
+    (a long one through BLAS attention, short ones per row, one sequence continuing an earlier
+    chunk); every cache then holds what prefilling each sequence alone gives, and the next
+    decode step's logits match."""
+    from mlx_mistral.kernels import cpu_model
+
+    monkeypatch.setattr(cpu_model, "MAX_ROWS", window)
+    runner = backend_for(tiny_q4)
+    assert runner.decoder is not None
+    ids = prompts(tiny_q4.args.vocab_size, (40, 3, 25, 9))
+    alone = [runner.make_cache() for _ in ids]
+    for p, c in zip(ids, alone):
+        runner(mx.array([p[:-1]]), c)
+    together = [runner.make_cache() for _ in ids]
+    runner.prefill([(ids[2][:5], together[2])])  # an earlier chunk: the next one continues it
+    runner.prefill([(p[5:-1] if i == 2 else p[:-1], c) for i, (p, c) in enumerate(zip(ids, together))])
+    for a, t in zip(alone, together):
+        assert t[0].offset == a[0].offset
+        for la, lt in zip(a, t):
+            n = la.offset
+            assert scaled_err(lt.keys[..., :n, :], la.keys[..., :n, :]) < 1e-5
+            assert scaled_err(lt.values[..., :n, :], la.values[..., :n, :]) < 1e-5
+    got = np.array(runner.decode([p[-1] for p in ids], together))
+    want = np.array(runner.decode([p[-1] for p in ids], alone))
+    assert scaled_err(got, want) < 1e-5
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+@native_only
+def test_decode_rows_after_prefill_rows_in_one_call(tiny_q4):
+    """NativeDecoder.rows: a chunk and decode rows in one call, one sequence in both (its chunk
+    first, then its next id): the logits are those of the rows fed one call at a time."""
+    runner = backend_for(tiny_q4)
+    ids = prompts(tiny_q4.args.vocab_size, (20, 6))
+    one, two = [runner.make_cache() for _ in ids], [runner.make_cache() for _ in ids]
+    runner(mx.array([ids[1][:-1]]), one[1])
+    runner(mx.array([ids[1][:-1]]), two[1])
+    runner(mx.array([ids[0][:-1]]), one[0])
+    want = np.array(runner.decode([ids[0][-1], ids[1][-1]], one))
+    got = np.array(runner.decoder.rows([(ids[0][:-1], two[0])], [ids[0][-1], ids[1][-1]], two))
+    assert scaled_err(got, want) < 1e-5
+    assert [c[0].offset for c in two] == [c[0].offset for c in one] == [20, 6]
+    assert runner.decoder.rows([(ids[1][:2], two[1])]) is None  # no decode rows: no logits

@@ -200,9 +200,9 @@ def test_n_replies_share_one_prefill(quirk):
         def make_cache(self, *a, **k):
             return backend.make_cache(*a, **k)
 
-        def __call__(self, tokens, cache):
-            calls.append(tokens.shape[1])
-            return backend(tokens, cache)
+        def prefill(self, chunks):
+            calls.extend(len(ids) for ids, _ in chunks)
+            return backend.prefill(chunks)
 
         def decode(self, tokens, caches):
             return backend.decode(tokens, caches)
@@ -279,3 +279,25 @@ def test_a_reply_that_breaks_fails_alone(quirk):
     engine = Engine(model, tok, backend=backend)
     with pytest.raises(RuntimeError, match="processor broke"):  # the Python API raises it
         list(engine.responses(engine.submit(bad)))
+
+
+def test_requests_arriving_together_copy_a_shared_start(quirk):
+    """A conversation with a 30-id start (a system prompt) is kept; three requests with that
+    start arrive in one step: the first takes the kept one, the other two copy the start from
+    its cache (cached_tokens), and every reply is the one it gets alone."""
+    model, tok, backend = quirk
+    start = prompt_ids(tok, 29, seed=21)
+    requests = [Request(start + prompt_ids(tok, 6 + i, seed=30 + i)[1:], max_tokens=5, ignore_eos=True)
+                for i in range(4)]
+    alone = [run(model, tok, backend, [r], max_batch=1)[0] for r in requests]
+    engine = Engine(model, tok, max_batch=4, prefix_cache=4, backend=backend)
+    assert tokens(engine.responses(engine.submit(requests[0]))) == tokens(alone[0])
+    streams = [engine.submit(r) for r in requests[1:]]
+    out = [list(engine.responses(s)) for s in streams]
+    assert [tokens(o) for o in out] == [tokens(a) for a in alone[1:]]
+    assert [o[-1].cached_tokens for o in out] == [30, 30, 30]
+    engine = Engine(model, tok, max_batch=4, prefix_cache=1, backend=backend)
+    short = [Request(start[:10] + (7 + i,) * 4, max_tokens=2, ignore_eos=True) for i in range(3)]
+    list(engine.responses(engine.submit(short[0])))
+    streams = [engine.submit(r) for r in short[1:]]  # 10 ids in common: under MIN_SHARED, no copy
+    assert [list(engine.responses(s))[-1].cached_tokens for s in streams] == [10, 0]

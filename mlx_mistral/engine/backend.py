@@ -114,6 +114,20 @@ class Backend:
             return decoder(tokens, cache)
         return self.model(tokens, cache)
 
+    def prefill(self, chunks: Sequence[tuple[Sequence[int], list]]) -> None:
+        """Prompt chunks of several sequences, each (ids, that sequence's caches), appended to
+        their caches with no logits. The native decoder runs them all as the rows of one call,
+        reading the weights once (eight 45-token prompts cost ~3.7x one, not 8x); the MLX path
+        runs them one by one."""
+        decoder = self.decoder
+        native = [(t, c) for t, c in chunks if decoder is not None and decoder.owns(c)]
+        if native:
+            decoder.rows(native)
+        for tokens, cache in chunks:
+            if decoder is None or not decoder.owns(cache):
+                self.model(mx.array(tokens, dtype=mx.int32)[None], cache)
+                mx.eval([c.state for c in cache])
+
     def _ragged(self, ids: mx.array, caches: list) -> mx.array:
         """(B, 1) ids, one cache list each -> (B, vocab) on the MLX path; a model without a
         ragged forward (any mlx-lm-style `model(tokens, cache)`) runs its rows one by one."""

@@ -160,8 +160,8 @@ class Engine:
             self._admit()
             prefilling = [s for s in self.active if s.prefilling]
             speculating = [s for s in self.active if s.speculative is not None and not s.finished]
-            for seq in prefilling:
-                self._prefill_chunk(seq)
+            if prefilling:
+                self._prefill(prefilling)
             for seq in [s for s in self.active if id(s) in self.siblings and not s.prefilling]:
                 self._release_siblings(seq)
             for seq in speculating:
@@ -179,10 +179,13 @@ class Engine:
             if seq.stream.cancelled and not seq.finished:
                 seq.finish("cancelled", flush=False)
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        chunk, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk:]
-        self.backend(mx.array(chunk, dtype=mx.int32)[None], seq.cache)
-        mx.eval([c.state for c in seq.cache])
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """The next chunk of every prefilling reply, in one forward where the backend can."""
+        chunks = []
+        for seq in seqs:
+            chunk, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk:]
+            chunks.append((chunk, seq.cache))
+        self.backend.prefill(chunks)
 
     def _speculative_token(self, seq: Sequence) -> None:
         try:

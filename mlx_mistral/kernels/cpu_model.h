@@ -107,6 +107,7 @@ typedef struct attn_args {
     int64_t q_ld, M, hd, n_heads, n_kv;
     float scale;
     float* out;  /* (M, n_heads * hd) */
+    const unsigned char* done;  /* rows already attended (by attn_blas over their segment), or NULL */
 } attn_args;
 
 static void softmax_inplace(float* s, int64_t n) {
@@ -122,6 +123,7 @@ static void softmax_inplace(float* s, int64_t n) {
 static void attn_chunk(const void* p, int64_t i) {
     const attn_args* a = p;
     int64_t h = i / a->M, m = i % a->M, hd = a->hd, L = a->pos[m] + 1, s_ = a->seq[m];
+    if (a->done && a->done[m]) return;
     int64_t g = h / (a->n_heads / a->n_kv), cap = a->caps[s_];
     const float* q = a->q + m * a->q_ld + h * hd;
     const float *K = a->kc[s_] + g * cap * hd, *V = a->vc[s_] + g * cap * hd;
@@ -179,6 +181,7 @@ typedef struct fwd_scratch {
     float *xn, *qkv, *att, *gu, *cs;
     float **kl, **vl;  /* this layer's cache of each sequence */
     int64_t* capl;
+    unsigned char* done;  /* (M) rows attended by a per-segment BLAS pass */
 } fwd_scratch;
 
 typedef struct fwd_rows {
@@ -186,7 +189,29 @@ typedef struct fwd_rows {
     const int64_t *pos, *seq;  /* per row */
     float* const *kc, *const *vc;  /* per (sequence, layer): s * n_layers + l */
     const int64_t* caps;
+    int64_t logit_from;  /* logits of rows logit_from .. M - 1 only */
 } fwd_rows;
+
+/* Runs of rows of one sequence at consecutive positions (a prefill chunk) that are long enough
+ * go through attn_blas, one run at a time; done[m] marks their rows. Returns whether any row is
+ * left for the per-row chunks (decode rows, short chunks). */
+static int attend_segments(const attn_args* a, unsigned char* done) {
+    int left = 0;
+    for (int64_t m0 = 0, m1; m0 < a->M; m0 = m1) {
+        for (m1 = m0 + 1; m1 < a->M && a->seq[m1] == a->seq[m0] && a->pos[m1] == a->pos[m1 - 1] + 1; m1++) {}
+        int blas = m1 - m0 >= ATTN_BLAS_MIN_ROWS && g_sgemm;
+        memset(done + m0, blas, (size_t)(m1 - m0));
+        left |= !blas;
+        if (!blas) continue;
+        int64_t s = a->seq[m0];
+        attn_args run = *a;
+        run.q = a->q + m0 * a->q_ld, run.out = a->out + m0 * a->n_heads * a->hd;
+        run.kc = a->kc + s, run.vc = a->vc + s, run.caps = a->caps + s, run.pos = a->pos + m0;
+        run.M = m1 - m0;
+        attn_blas(&run);
+    }
+    return left;
+}
 
 /* x += o(attention(...)) of rmsnorm(x) for layer l: q/k/v, RoPE, K/V into each row's own cache */
 static int attention_block(const mm_model* md, int64_t l, float* x, const fwd_rows* r, fwd_scratch* t) {
@@ -221,11 +246,12 @@ static int attention_block(const mm_model* md, int64_t l, float* x, const fwd_ro
         }
         bytes += (p + 1) * nkv * 2 * (int64_t)sizeof(float);
     }
-    attn_args aa = {q, t->kl, t->vl, t->capl, r->pos, r->seq, q_ld, M, hd, md->n_heads, md->n_kv, md->scale, t->att};
-    if (r->n_seq == 1 && M >= ATTN_BLAS_MIN_ROWS && g_sgemm)
-        attn_blas(&aa);
-    else
+    attn_args aa = {q, t->kl, t->vl, t->capl, r->pos, r->seq, q_ld, M, hd, md->n_heads, md->n_kv, md->scale, t->att,
+                    NULL};
+    if (attend_segments(&aa, t->done)) {  /* rows no BLAS pass covered: one (head, row) chunk each */
+        aa.done = t->done;
         run_job(attn_chunk, &aa, md->n_heads * M, bytes);
+    }
     rc = mat_mul(t->att, M, &L->o, t->xn);
     if (rc != 0) return rc;
     for (int64_t i = 0; i < M * H; i++) x[i] += t->xn[i];
@@ -264,7 +290,7 @@ static int mlp_block(const mm_model* md, int64_t l, float* x, int64_t M, fwd_scr
  * Returns 0, or -1 for a format the kernels do not cover or a cache too small. */
 static int forward_rows(const mm_model* md, float* x, const fwd_rows* r, float* logits) {
     pick_kernels();
-    if (md->n_heads % md->n_kv != 0 || md->head_dim % 2 != 0) return -1;
+    if (md->n_heads % md->n_kv != 0 || md->head_dim % 2 != 0 || r->logit_from < 0) return -1;
     for (int64_t m = 0; m < r->M; m++)
         for (int64_t l = 0; l < md->n_layers; l++)
             if (r->seq[m] < 0 || r->seq[m] >= r->n_seq || r->pos[m] < 0 ||
@@ -275,7 +301,8 @@ static int forward_rows(const mm_model* md, float* x, const fwd_rows* r, float* 
     fwd_scratch t = {malloc((size_t)(M * inner) * sizeof(float)), malloc((size_t)(M * nqkv) * sizeof(float)),
                      malloc((size_t)(M * nq) * sizeof(float)), malloc((size_t)(M * 2 * F) * sizeof(float)),
                      malloc((size_t)(M * hd) * sizeof(float)), malloc((size_t)r->n_seq * sizeof(float*)),
-                     malloc((size_t)r->n_seq * sizeof(float*)), malloc((size_t)r->n_seq * sizeof(int64_t))};
+                     malloc((size_t)r->n_seq * sizeof(float*)), malloc((size_t)r->n_seq * sizeof(int64_t)),
+                     malloc((size_t)M)};
     rope_table(md, r->pos, M, t.cs);
     int rc = 0;
     for (int64_t l = 0; l < md->n_layers && rc == 0; l++) {
@@ -285,9 +312,10 @@ static int forward_rows(const mm_model* md, float* x, const fwd_rows* r, float* 
     if (rc == 0) {
         rms_norm_rows(x, md->final_norm, M, H, md->eps, t.xn);
         memcpy(x, t.xn, (size_t)(M * H) * sizeof(float));
-        if (logits && md->head.w) rc = mat_mul(x, M, &md->head, logits);
+        if (logits && md->head.w && r->logit_from < M)
+            rc = mat_mul(x + r->logit_from * H, M - r->logit_from, &md->head, logits);
     }
-    free(t.xn), free(t.qkv), free(t.att), free(t.gu), free(t.cs), free(t.kl), free(t.vl), free(t.capl);
+    free(t.xn), free(t.qkv), free(t.att), free(t.gu), free(t.cs), free(t.kl), free(t.vl), free(t.capl), free(t.done);
     return rc;
 }
 
@@ -297,23 +325,22 @@ int mm_model_forward(const mm_model* md, float* x, int64_t M, int64_t offset, fl
                      float* const* vc, const int64_t* caps, float* logits) {
     int64_t* rows = malloc((size_t)(2 * M) * sizeof(int64_t));
     for (int64_t m = 0; m < M; m++) rows[m] = offset + m, rows[M + m] = 0;
-    fwd_rows r = {M, 1, rows, rows + M, kc, vc, caps};
+    fwd_rows r = {M, 1, rows, rows + M, kc, vc, caps, 0};
     int rc = forward_rows(md, x, &r, logits);
     free(rows);
     return rc;
 }
 
-/* B sequences, one token each (a batched decode step): row b is sequence b's token at pos[b].
- * The weights are read once for all B rows; attention runs per (row, head) over that row's own
- * pos[b] + 1 keys. kc/vc/caps: per (sequence, layer) at b * n_layers + l. */
-int mm_model_decode(const mm_model* md, float* x, int64_t B, const int64_t* pos, float* const* kc,
-                    float* const* vc, const int64_t* caps, float* logits) {
-    int64_t* seq = malloc((size_t)B * sizeof(int64_t));
-    for (int64_t b = 0; b < B; b++) seq[b] = b;
-    fwd_rows r = {B, B, pos, seq, kc, vc, caps};
-    int rc = forward_rows(md, x, &r, logits);
-    free(seq);
-    return rc;
+/* Any rows: row m is sequence seq[m]'s token at position pos[m] (0 <= seq[m] < n_seq), e.g.
+ * the prefill chunks of several sequences and the decode rows of others in one call, so the
+ * weights are read once for all of them. A sequence's rows at consecutive positions attend to
+ * each other causally (every row's K/V is written before any row attends). logits: rows
+ * logit_from .. M - 1 (n_out = M - logit_from rows), or NULL. kc/vc/caps: per (sequence, layer)
+ * at s * n_layers + l. */
+int mm_model_rows(const mm_model* md, float* x, int64_t M, const int64_t* pos, const int64_t* seq, int64_t n_seq,
+                  float* const* kc, float* const* vc, const int64_t* caps, int64_t logit_from, float* logits) {
+    fwd_rows r = {M, n_seq, pos, seq, kc, vc, caps, logit_from};
+    return forward_rows(md, x, &r, logits);
 }
 
 /* rows `ids` of a quantized embedding table, dequantized to fp32: out (M, K) */

@@ -166,8 +166,9 @@ class NativeDecoder:
         self.lib = cpu._library()[0]
         self.lib.mm_model_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self.lib.mm_model_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.mm_model_rows.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         self.lib.mm_embed.argtypes = [ctypes.POINTER(_Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 
     @staticmethod
@@ -246,35 +247,67 @@ class NativeDecoder:
     def decode(self, ids: Sequence[int], caches: Sequence[list]) -> mx.array:
         """logits (B, vocab): row b is sequence b's next-token logits after its input `ids[b]`,
         whose K/V is appended to `caches[b]` (sequences may hold different lengths)."""
-        args, B, n_layers = self.args, len(ids), self.n_layers
-        if len(caches) != B:
-            raise ValueError(f"{B} tokens but {len(caches)} caches")
-        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
-        pos = np.empty(B, np.int64)
-        views = []
-        for b, cache in enumerate(caches):
-            pos[b] = cache[0].offset
-            if any(c.offset != pos[b] for c in cache):
+        if len(caches) != len(ids):
+            raise ValueError(f"{len(ids)} tokens but {len(caches)} caches")
+        if not len(ids):
+            return mx.zeros((0, self.args.vocab_size), mx.float32)
+        return self.rows((), ids, caches)
+
+    def rows(self, chunks: Sequence[tuple[Sequence[int], list]], ids: Sequence[int] = (),
+             caches: Sequence[list] = ()) -> Optional[mx.array]:
+        """Several sequences in one pass over the weights: each `chunks[i]` = (ids, caches) is a
+        prefill chunk appended to that sequence's caches (no logits); then `ids[b]` is fed to
+        `caches[b]` (after its chunk when a sequence has both). Returns the logits (B, vocab) of
+        the `ids` rows, or None when there are none."""
+        args, n_layers = self.args, self.n_layers
+        order: dict[int, int] = {}  # id(cache list) -> its sequence index in the call
+        seqs: list[list] = []
+        feed, seq_of = [], []
+        for tokens, cache in [*chunks, *zip([[int(i)] for i in ids], caches)]:
+            s = order.setdefault(id(cache), len(seqs))
+            if s == len(seqs):
+                seqs.append(cache)
+            feed += list(tokens)
+            seq_of += [s] * len(tokens)
+        M, D0 = len(feed), len(feed) - len(ids)  # rows D0.. are the ones whose logits are wanted
+        if M == 0:
+            return None
+        seq = np.asarray(seq_of, np.int64)
+        start = np.empty(len(seqs), np.int64)
+        for s, cache in enumerate(seqs):
+            start[s] = cache[0].offset
+            if any(c.offset != start[s] for c in cache):
                 raise ValueError("the layers' caches hold different numbers of tokens")
-            views += [c.reserve(args.num_key_value_heads, args.head_dim, int(pos[b]) + 1) for c in cache]
-        kp = (ctypes.c_void_p * len(views))(*[v[0].ctypes.data for v in views])  # (B, n_layers)
+        pos = np.empty(M, np.int64)
+        seen = np.zeros(len(seqs), np.int64)
+        for m, s in enumerate(seq_of):
+            pos[m] = start[s] + seen[s]
+            seen[s] += 1
+        views = []
+        for s, cache in enumerate(seqs):
+            views += [c.reserve(args.num_key_value_heads, args.head_dim, int(start[s] + seen[s])) for c in cache]
+        kp = (ctypes.c_void_p * len(views))(*[v[0].ctypes.data for v in views])  # (sequences, n_layers)
         vp = (ctypes.c_void_p * len(views))(*[v[1].ctypes.data for v in views])
         caps = (ctypes.c_int64 * len(views))(*[v[0].shape[2] for v in views])
-        x = self._embed(ids)
-        logits = np.empty((B, args.vocab_size), np.float32) if self.has_head else None
-        for start in range(0, B, MAX_ROWS):  # bounds the call's scratch, as prefill chunks do
-            rows, at = min(MAX_ROWS, B - start), start * n_layers
-            ptr = [ctypes.addressof(a) + at * 8 for a in (kp, vp, caps)]  # 8: bytes per pointer and per int64
-            rc = self.lib.mm_model_decode(ctypes.byref(self.md), x[start:].ctypes.data, rows, pos[start:].ctypes.data,
-                                          *ptr, logits[start:].ctypes.data if logits is not None else None)
+        x = self._embed(np.ascontiguousarray(feed, dtype=np.int32))
+        want = len(ids) > 0 and self.has_head
+        logits = np.empty((len(ids), args.vocab_size), np.float32) if want else None
+        for a in range(0, M, MAX_ROWS):  # bounds the call's scratch; later windows see earlier K/V
+            b = min(a + MAX_ROWS, M)
+            first = max(D0 - a, 0)  # the window's first row with logits (b - a: none)
+            out = logits[a + first - D0:].ctypes.data if want and first < b - a else None
+            rc = self.lib.mm_model_rows(ctypes.byref(self.md), x[a:].ctypes.data, b - a, pos[a:].ctypes.data,
+                                        seq[a:].ctypes.data, len(seqs), kp, vp, caps, first, out)
             if rc != 0:
                 raise ValueError("the native decoder does not support this model's format")
-        for cache in caches:
+        for s, cache in enumerate(seqs):
             for c in cache:
-                c.offset += 1
+                c.offset += int(seen[s])
+        if not len(ids):
+            return None
         if logits is not None:
             return mx.array(logits)
-        return self._lazy_head(mx.array(x)[None])[0]
+        return self._lazy_head(mx.array(x[D0:])[None])[0]
 
     def _lazy_head(self, h: mx.array) -> mx.array:
         """Logits of many rows as a lazy MLX graph: a prefill chunk's are never evaluated."""
