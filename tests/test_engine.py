@@ -301,3 +301,32 @@ def test_requests_arriving_together_copy_a_shared_start(quirk):
     list(engine.responses(engine.submit(short[0])))
     streams = [engine.submit(r) for r in short[1:]]  # 10 ids in common: under MIN_SHARED, no copy
     assert [list(engine.responses(s))[-1].cached_tokens for s in streams] == [10, 0]
+
+
+def test_a_step_that_admits_a_prompt_reads_the_weights_once(quirk):
+    """On the native decoder, the step that prefills a newcomer also decodes the running reply
+    and the newcomer's first token, all in one call; the replies are those they get alone."""
+    model, tok, backend = quirk
+    if backend.decoder is None:
+        pytest.skip("one call per step is the native decoder's")
+    first, second = (Request(prompt_ids(tok, n, seed=40 + n), max_tokens=4, ignore_eos=True) for n in (9, 20))
+    alone = [run(model, tok, backend, [r], max_batch=1)[0] for r in (first, second)]
+    engine = Engine(model, tok, max_batch=2, backend=backend)
+    streams = [engine.submit(first)]
+    engine.step()  # the first's prompt and its first token
+    calls = []
+    rows = backend.decoder.rows
+
+    def counted(chunks, ids=(), caches=()):
+        calls.append((sum(len(c) for c, _ in chunks), len(ids)))
+        return rows(chunks, ids, caches)
+
+    backend.decoder.rows = counted
+    try:
+        streams.append(engine.submit(second))
+        engine.step()
+    finally:
+        del backend.decoder.rows
+    assert calls == [(20, 2)]  # the second's 21 prompt ids but the last, then one decode row each
+    out = [list(engine.responses(s)) for s in streams]
+    assert [tokens(o) for o in out] == [tokens(a) for a in alone]

@@ -128,6 +128,17 @@ class Backend:
                 self.model(mx.array(tokens, dtype=mx.int32)[None], cache)
                 mx.eval([c.state for c in cache])
 
+    def prefill_and_decode(self, chunks: Sequence[tuple[Sequence[int], list]], tokens: Sequence[int],
+                           caches: Sequence[list]) -> mx.array:
+        """`prefill(chunks)` then `decode(tokens, caches)` (a sequence may be in both): on the
+        native decoder one call, so a step that admits a prompt reads the weights once."""
+        decoder = self.decoder
+        if (decoder is not None and tokens and all(decoder.owns(c) for _, c in chunks)
+                and all(decoder.owns(c) for c in caches) and len({id(c) for c in caches}) == len(caches)):
+            return decoder.rows(chunks, tokens, caches)
+        self.prefill(chunks)
+        return self.decode(tokens, caches)
+
     def _ragged(self, ids: mx.array, caches: list) -> mx.array:
         """(B, 1) ids, one cache list each -> (B, vocab) on the MLX path; a model without a
         ragged forward (any mlx-lm-style `model(tokens, cache)`) runs its rows one by one."""

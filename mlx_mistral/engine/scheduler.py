@@ -160,32 +160,43 @@ class Engine:
             self._admit()
             prefilling = [s for s in self.active if s.prefilling]
             speculating = [s for s in self.active if s.speculative is not None and not s.finished]
-            if prefilling:
-                self._prefill(prefilling)
+            chunks = self._chunks(prefilling)
+            logits, decoding = None, []
+            # the prompt chunks and the decode rows in one forward, unless a prompt that ends now
+            # has n > 1 siblings: they fork its cache between its prefill and its first decode
+            if chunks and not any(id(s) in self.siblings and not s.prefilling for s in prefilling):
+                decoding = self._decoding()
+                logits = self.backend.prefill_and_decode(chunks, [s.y for s in decoding], [s.cache for s in decoding])
+            elif chunks:
+                self.backend.prefill(chunks)
             for seq in [s for s in self.active if id(s) in self.siblings and not s.prefilling]:
                 self._release_siblings(seq)
             for seq in speculating:
                 self._speculative_token(seq)
-            decoding = [s for s in self.active if not s.prefilling and s.speculative is None and not s.finished]
+            if logits is None:
+                decoding = self._decoding()
             if decoding:
-                self._decode(decoding)
+                self._decode(decoding, logits)
         self._retire()
         self.steps += 1
         if self.steps % CLEAR_EVERY == 0:
             mx.clear_cache()
+
+    def _decoding(self) -> list[Sequence]:
+        return [s for s in self.active if not s.prefilling and s.speculative is None and not s.finished]
 
     def _drop_cancelled(self) -> None:
         for seq in self.active:
             if seq.stream.cancelled and not seq.finished:
                 seq.finish("cancelled", flush=False)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """The next chunk of every prefilling reply, in one forward where the backend can."""
+    def _chunks(self, seqs: list[Sequence]) -> list[tuple[list[int], list]]:
+        """The next prompt chunk of every prefilling reply, with its cache (taken off `pending`)."""
         chunks = []
         for seq in seqs:
             chunk, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk:]
             chunks.append((chunk, seq.cache))
-        self.backend.prefill(chunks)
+        return chunks
 
     def _speculative_token(self, seq: Sequence) -> None:
         try:
@@ -196,9 +207,11 @@ class Engine:
             return seq.fail(e)
         seq.accept(token, logprobs)
 
-    def _decode(self, rows: list[Sequence]) -> None:
-        """One forward pass for every decoding reply, then each samples its own row."""
-        logits = self.backend.decode([s.y for s in rows], [s.cache for s in rows])  # (B, vocab)
+    def _decode(self, rows: list[Sequence], logits: Optional[mx.array] = None) -> None:
+        """One forward pass for every decoding reply (unless the prefill's pass gave its `logits`),
+        then each samples its own row."""
+        if logits is None:
+            logits = self.backend.decode([s.y for s in rows], [s.cache for s in rows])  # (B, vocab)
         plain = [i for i, s in enumerate(rows) if s.plain]
         sampled: list[Optional[mx.array]] = [None] * len(rows)
         logprobs: list[Optional[mx.array]] = [None] * len(rows)
