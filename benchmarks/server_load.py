@@ -35,7 +35,7 @@ import fixtures  # noqa: E402
 import httpx  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from mlx_mistral.bench import device_slug  # noqa: E402
+from mlx_mistral.bench import chip_name as cpu_name, device_slug  # noqa: E402
 
 TOPICS = ["rivers", "bridges", "violins", "glaciers", "lighthouses", "comets", "bees", "clocks"]
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -79,13 +79,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(runtime: str, folder: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+# mlx_lm.server with its model cast to another compute dtype after loading (as compare.py's
+# --mlx-lm-dtype does in-process): MLX's CPU quantized matmul is ~10x slower in bfloat16
+MLX_LM_CAST = """
+import sys, mlx.core as mx, mlx_lm.server as server
+dtype, load = getattr(mx, sys.argv.pop(1)), server.load
+def cast(*a, **k):
+    out = load(*a, **k)
+    out[0].set_dtype(dtype)
+    return out
+server.load = cast
+server.main()
+"""
+
+
+def start(runtime: str, folder: Path, max_batch: int, mlx_lm_dtype: str = "checkpoint") -> tuple[subprocess.Popen, str]:
     port = free_port()
     if runtime == "mlx-mistral":
         cmd = [sys.executable, "-m", "mlx_mistral.cli", "serve", "-m", str(folder), "--port", str(port),
                "--max-batch", str(max_batch), "--no-ui"]
-    else:
+    elif mlx_lm_dtype == "checkpoint":
         cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-c", MLX_LM_CAST, mlx_lm_dtype, "--model", str(folder), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -149,8 +165,9 @@ async def level(url: str, streams: int, rounds: int, max_tokens: int) -> dict:
             "ttft_p95_s": percentile(ttft, 0.95), "e2e_p50_s": statistics.median(r["e2e_s"] for r in records)}
 
 
-def measure(runtime: str, folder: Path, levels: list[int], rounds: int, max_tokens: int) -> list[dict]:
-    proc, url = start(runtime, folder, max(levels))
+def measure(runtime: str, folder: Path, levels: list[int], rounds: int, max_tokens: int,
+            mlx_lm_dtype: str = "checkpoint") -> list[dict]:
+    proc, url = start(runtime, folder, max(levels), mlx_lm_dtype)
     try:
         out = []
         for n in levels:
@@ -219,16 +236,20 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--mlx-lm-dtype", default="checkpoint", choices=["checkpoint", "float32", "bfloat16", "float16"],
+                    help="mlx-lm's compute dtype (checkpoint: as it loads the folder, bfloat16 here)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    out = args.out or Path(__file__).parent / "results" / device_slug() / "server_load.json"
-    report = {"benchmark": "server_load", "device": device_slug(), "levels": levels, "rounds": args.rounds,
-              "max_tokens": args.max_tokens, "temperature": 0, "results": {}, "targets": {}}
+    suffix = "" if args.mlx_lm_dtype == "checkpoint" else f"-mlx-lm-{args.mlx_lm_dtype}"
+    out = args.out or Path(__file__).parent / "results" / device_slug() / f"server_load{suffix}.json"
+    report = {"benchmark": "server_load", "device": device_slug(), "cpu": cpu_name(), "levels": levels,
+              "rounds": args.rounds, "max_tokens": args.max_tokens, "temperature": 0,
+              "mlx_lm_dtype": args.mlx_lm_dtype, "results": {}, "targets": {}}
     for model in args.models.split(","):
         folder = MODELS[model]()
         console.print(f"{model}: {folder}")
-        report["results"][model] = {rt: measure(rt, folder, levels, args.rounds, args.max_tokens)
+        report["results"][model] = {rt: measure(rt, folder, levels, args.rounds, args.max_tokens, args.mlx_lm_dtype)
                                     for rt in args.runtimes.split(",")}
         report["targets"][model] = targets(report["results"][model].get("mlx-mistral", []))
         out.parent.mkdir(parents=True, exist_ok=True)
