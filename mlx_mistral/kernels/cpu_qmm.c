@@ -9,6 +9,7 @@
  *   M small      the same over blocks of up to 4 inputs (each dequantized vector feeds 4 FMAs);
  *                portable builds dequantize one row into L1 and take M dot products against it
  *   M large      dequantize a tile of rows to fp32 and hand it to cblas_sgemm (if one is set)
+ * 4-bit weights can also meet x rounded to int8 (cpu_q8.h on AVX2, cpu_q8w.h on AVX-512BW).
  * Rows are split over a small pool of worker threads (cpu_pool.h). AVX2/FMA is chosen at run
  * time on x86-64; elsewhere portable C that the compiler vectorizes (NEON on arm64).
  */
