@@ -192,22 +192,31 @@ def rounded_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.rint(blocks * inv) * step).reshape(x.shape), np.broadcast_to(step, blocks.shape).reshape(x.shape)
 
 
-@pytest.fixture
-def int8_activations(float_activations):
-    if cpu._library()[0].mm_simd() < 2:
+@pytest.fixture(params=["avx2", "512-bit"])
+def int8_activations(float_activations, request):
+    """Each int8 GEMV in turn: the AVX2 one (cpu_q8.h) and the 512-bit one (cpu_q8w.h, K % 128 == 0)."""
+    lib = float_activations
+    if lib.mm_simd() < 2:
         pytest.skip("no AVX2 on this machine")
-    float_activations.mm_use_int8(1)
+    wide_before = lib.mm_int8_wide()
+    lib.mm_use_int8(1)
+    lib.mm_use_int8_wide(request.param == "512-bit")
+    if request.param == "512-bit" and not lib.mm_int8_wide():
+        pytest.skip("no AVX-512BW on this machine")
     assert "int8 activations" in cpu.describe()
+    assert ("512-bit" in cpu.describe()) == (request.param == "512-bit")
     yield
-    float_activations.mm_use_int8(0)
+    lib.mm_use_int8(0)
+    lib.mm_use_int8_wide(wide_before)
 
 
 @pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float16, mx.float32])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 32])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 32])
 def test_int8_gemv_is_exact_on_rounded_x_and_bounded_against_mlx(int8_activations, scale_dtype, group_size, M):
-    """The bound: y~ = dequant(W) . round8(x) to fp32 accuracy, so |y~ - y| <= sum_k |W_nk| step_k / 2."""
-    for n, k in [(97, 640), (1, 128), (33, 4096), (17, 192)]:
+    """The bound: y~ = dequant(W) . round8(x) to fp32 accuracy, so |y~ - y| <= sum_k |W_nk| step_k / 2.
+    K = 192 and 640 are no multiples of 128: the 512-bit kernel's fallback to the AVX2 one."""
+    for n, k in [(97, 640), (1, 128), (33, 4096), (17, 192), (16, 1280)]:
         k = max(group_size, 64, k // max(group_size, 64) * max(group_size, 64))
         w, s, b = quantized(n, k, group_size, 4, dtype=scale_dtype, seed=n)
         x = mx.random.normal((M, k), key=mx.random.key(k))
@@ -239,7 +248,7 @@ def test_int8_gemv_multi_matrix_call_matches_single_calls(int8_activations):
     import ctypes
 
     lib = cpu._library()[0]
-    K, Ns = 640, [512, 128, 128]
+    K, Ns = 1280, [512, 128, 128]  # K % 128 == 0: the 512-bit kernel too
     mats = [cpu.Packed(*quantized(n, K, 64, 4, dtype=mx.bfloat16, seed=n + i), 64, 4) for i, n in enumerate(Ns)]
     x = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
     ys = [np.empty((3, n), np.float32) for n in Ns]
@@ -250,3 +259,23 @@ def test_int8_gemv_multi_matrix_call_matches_single_calls(int8_activations):
     assert rc == 0
     for m, y in zip(mats, ys):
         assert np.array_equal(y, np.array(m(mx.array(x))))
+
+
+def test_int8_gemv_two_rows_and_up_mode(float_activations):
+    """mm_use_int8(2): int8 activations from two rows on; one row stays on the float kernels (1e-5)."""
+    lib = float_activations
+    if lib.mm_simd() < 2:
+        pytest.skip("no AVX2 on this machine")
+    lib.mm_use_int8(2)
+    try:
+        assert "from 2 rows" in cpu.describe()
+        w, s, b = quantized(40, 1280, 64, 4, dtype=mx.bfloat16)
+        x = mx.random.normal((2, 1280), key=mx.random.key(3))
+        one = cpu.quantized_matmul(x[:1], w, s, b, group_size=64, bits=4)
+        assert rel_err(one, reference(x[:1], w, s, b, 64, 4)) < 1e-5
+        two = np.array(cpu.quantized_matmul(x, w, s, b, group_size=64, bits=4))
+        dense = np.array(mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=4))
+        assert scaled_err_np(two, rounded_x(np.array(x))[0] @ dense.T) < 1e-5
+        assert rel_err(mx.array(two), reference(x, w, s, b, 64, 4)) > 1e-6  # the rounded x, not x
+    finally:
+        lib.mm_use_int8(0)

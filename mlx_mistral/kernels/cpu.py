@@ -108,7 +108,8 @@ def describe() -> str:
         return f"MLX's own quantized matmul (native CPU kernels unavailable: {how})"
     simd = {2: "AVX2/FMA", 3: "AVX-512/AVX2/FMA"}.get(lib.mm_simd(), "portable C")
     if lib.mm_int8():
-        simd += ", 4-bit GEMV on int8 activations"
+        rows = "" if lib.mm_int8() == 1 else " from 2 rows"
+        simd += f", 4-bit GEMV on int8 activations{rows}" + (" (512-bit)" if lib.mm_int8_wide() else "")
     return f"native CPU kernels ({simd}, {lib.mm_threads()} threads, {how})"
 
 

@@ -9,6 +9,7 @@
  *   M small      the same over blocks of up to 4 inputs (each dequantized vector feeds 4 FMAs);
  *                portable builds dequantize one row into L1 and take M dot products against it
  *   M large      dequantize a tile of rows to fp32 and hand it to cblas_sgemm (if one is set)
+ * 4-bit weights can also meet x rounded to int8 (cpu_q8.h on AVX2, cpu_q8w.h on AVX-512BW).
  * Rows are split over a small pool of worker threads (cpu_pool.h). AVX2/FMA is chosen at run
  * time on x86-64; elsewhere portable C that the compiler vectorizes (NEON on arm64).
  */
@@ -418,6 +419,8 @@ AVX512 static void gemv4_avx512(const float* xp, const float* xsum, int mr, int6
         default: gemv4_tiled(xp, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, 8); break;
     }
 }
+
+#include "cpu_q8w.h"
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------------ */
@@ -432,13 +435,34 @@ static deq_fn k_deq = deq_row_c;
 static dot_fn k_dot = dot_c;
 static int g_simd = 0;
 static int g_avx512 = 0;  /* the AVX-512 4-bit GEMV for one input row (K a multiple of 64) */
-static int g_int8 = 0;  /* the AVX2 4-bit GEMV on int8 activations (cpu_q8.h) before the float ones */
+/* the 4-bit GEMV on int8 activations (cpu_q8.h, cpu_q8w.h) before the float ones: 0 never,
+ * 1 for every M, 2 for M >= 2 only (one row keeps the float AVX-512 GEMV) */
+static int g_int8 = 0;
+static int g_q8w = 0;  /* the int8 GEMV on 512-bit registers (needs AVX-512BW, K % 128 == 0) */
 
-/* int8 activations by default only where there is no AVX-512 float GEMV; MLX_MISTRAL_INT8=0/1 forces */
+static int has_avx512bw(void) {
+#ifdef MM_X86
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+#else
+    return 0;
+#endif
+}
+
+/* int8 activations: every M where there is no AVX-512 float GEMV; MLX_MISTRAL_INT8=0/1/2 forces */
 static int int8_default(void) {
     const char* env = getenv("MLX_MISTRAL_INT8");
-    if (env && *env) return env[0] == '1';
-    return g_simd == 2 && !g_avx512;
+    if (env && *env) return env[0] == '1' ? 1 : env[0] == '2' ? 2 : 0;
+    if (g_simd != 2) return 0;
+    return !g_avx512 ? 1 : 0;
+}
+
+/* the 512-bit int8 GEMV only when asked (MLX_MISTRAL_INT8_512=1): on a Skylake-SP Xeon it ran
+ * 1.15-1.27x slower than the AVX2 one (its integer multiplies share one 512-bit port; 1 thread,
+ * N 4096, K 1280, M 1/2/8), so int8 activations keep the AVX2 kernel by default */
+static int q8w_default(void) {
+    const char* env = getenv("MLX_MISTRAL_INT8_512");
+    return g_simd == 2 && has_avx512bw() && env && env[0] == '1';
 }
 
 static void pick_kernels(void) {
@@ -454,6 +478,7 @@ static void pick_kernels(void) {
         g_simd = 2;
         g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
         g_int8 = int8_default();
+        g_q8w = q8w_default();
     }
 #endif
 }
@@ -477,18 +502,31 @@ void mm_use_portable(int on) {
         k_gemv = gemv_avx2, k_deq = deq_row_avx2, k_dot = dot_avx2, g_simd = 2;
         g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
         g_int8 = int8_default();
+        g_q8w = q8w_default();
     } else {
-        g_int8 = 0;
+        g_int8 = 0, g_q8w = 0;
     }
 #else
     (void)on;
 #endif
 }
 
-/* 1: the int8-activation GEMV (AVX2) for 4-bit weights up to wide_max_rows inputs; 0: the float ones */
+/* the int8-activation GEMV for 4-bit weights up to wide_max_rows inputs: 1 for every M, 2 for
+ * M >= 2, 0 the float ones */
 void mm_use_int8(int on) {
     pick_kernels();
-    g_int8 = on && g_simd == 2;
+    g_int8 = g_simd == 2 ? on : 0;
+}
+
+/* 1: the int8 GEMV on 512-bit registers where the CPU has AVX-512BW (K % 128 == 0); 0: the AVX2 one */
+void mm_use_int8_wide(int on) {
+    pick_kernels();
+    g_q8w = on && g_simd == 2 && has_avx512bw();
+}
+
+int mm_int8_wide(void) {
+    pick_kernels();
+    return g_q8w;
 }
 
 int mm_int8(void) {
@@ -515,8 +553,11 @@ void mm_set_wide_max_rows(int m) { g_wide_max_rows = m; }
 enum { P_GEMV, P_Q8, P_WIDE, P_SMALL, P_ROWS, P_GEMM };
 
 static int q8_ok(int64_t M, int64_t K, int bits) {
-    return g_int8 && bits == 4 && K % 64 == 0 && M <= g_wide_max_rows;
+    return g_int8 && bits == 4 && K % 64 == 0 && M <= g_wide_max_rows && (g_int8 == 1 || M >= 2);
 }
+
+/* the int8 path on 512-bit registers: pairs of 64-weight chunks */
+static int q8w_ok(int64_t K) { return g_q8w && K % 128 == 0; }
 
 static int wide_ok(int64_t M, int64_t K, int bits) {
     return g_avx512 && bits == 4 && K % 64 == 0 && M <= (M == 1 ? 1 : g_wide_max_rows);
@@ -585,8 +626,10 @@ static int8_t* quantized_for(const float* x, int64_t M, int64_t K, int gs, int b
     if (q8_ok(M, K, bits)) {
         int8_t* xq = malloc((size_t)(M * K));
         *xd = malloc((size_t)(M * K / 8) * sizeof(float));
-        for (int64_t m = 0; m < M; m++)
+        for (int64_t m = 0; m < M; m++) {
             q8_quantize_row(x + m * K, K, gs, xq + m * K, *xd + m * (K / 8), xsum + m * (K / gs));
+            if (q8w_ok(K)) q8w_pair_layout(xq + m * K, K);
+        }
         return xq;
     }
 #endif
@@ -637,9 +680,14 @@ static void wide_chunk(const void* p, int64_t i) {
 static void q8_chunk(const void* p, int64_t i) {
     const qmm_args* a = p;
     int64_t G = a->K / a->gs, n0 = i * CHUNK_ROWS;
-    float* sb = malloc((size_t)((CHUNK_ROWS + 1) * G) * sizeof(float));
+    float* sb = malloc((size_t)((CHUNK_ROWS + 1) * G + 4) * sizeof(float));
     for (int64_t m0 = 0; m0 < a->M; m0 += 8) {
         int mr = a->M - m0 < 8 ? (int)(a->M - m0) : 8;
+        if (q8w_ok(a->K)) {
+            gemv4_q8w(a->xq + m0 * a->K, a->xd + m0 * (a->K / 8), a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi,
+                      a->dt, a->gs, n0, chunk_end(n0, a->N), a->y + m0 * a->N, a->N, sb);
+            continue;
+        }
         gemv4_q8(a->xq + m0 * a->K, a->xd + m0 * (a->K / 8), a->xsum + m0 * G, mr, a->K, a->w, a->sc, a->bi, a->dt,
                  a->gs, n0, chunk_end(n0, a->N), a->y + m0 * a->N, a->N, sb);
     }
