@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import json
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def conversations(model, tokenizer) -> dict:
     first = generate(model, tokenizer, "Hello there", max_tokens=4, prompt_cache=kept)
     for i in range(12):  # each made, used once and let go
         generate(model, tokenizer, f"Question number {i}", max_tokens=2, prompt_cache=ConversationCache(model))
+        gc.collect()  # one held in a reference cycle is let go when Python's collector frees it
     second = [r.token for r in stream_generate(model, tokenizer, "Hello there" + first + " and more", max_tokens=6,
                                                prompt_cache=kept) if r.token is not None]
     return {"second": second}
