@@ -210,7 +210,9 @@ class Engine:
                 except Exception as e:  # noqa: BLE001  (one reply's grammar or processor: it alone fails)
                     seq.fail(e)
         failed = [seq.finished for seq in rows]  # its sampling raised: it failed above
-        ids = [mx.zeros((), mx.uint32) if t is None else t.reshape(()).astype(mx.uint32) for t in sampled]
+        # a failed row's placeholder reads the logits too: every copy of a sharded engine must
+        # run the forward (and its collectives) whichever of its rows failed
+        ids = [(mx.argmax(logits[i]) if t is None else t.reshape(())).astype(mx.uint32) for i, t in enumerate(sampled)]
         tokens, failed = self._agree(mx.stack(ids), failed)  # (B,)
         mx.eval(tokens, *[lp for lp in logprobs if lp is not None])
         for seq, token, lp, bad in zip(rows, tokens.tolist(), logprobs, failed):
