@@ -224,7 +224,9 @@ def main() -> None:
     from mlx_mistral.load import read_config
     from mlx_mistral.synth import synth
 
-    folder = synth(CACHE_DIR / f"{opts.preset}-q4", opts.preset, bits=4)
+    folder = CACHE_DIR / f"{opts.preset}-q4"
+    if not (folder / "config.json").exists():  # made once, reused by later runs
+        synth(folder, opts.preset, bits=4)
     scratch = CACHE_DIR / "distributed"
     scratch.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
