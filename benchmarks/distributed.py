@@ -1,6 +1,8 @@
 """Tensor parallel on one machine: decode and prefill tokens/s and per-rank memory at 1 and 2
 ranks (each rank pinned to its own core, one BLAS thread), plus a paper estimate for 2 and 4
-Macs from memory bandwidth and the link's latency per all_sum.
+Macs from memory bandwidth and the link's latency per all_sum. Also measured, in the same run
+(distributed_paths.py): which path a sharded model should take on the CPU (MLX ops, or the
+native decoder cut into segments), and a 2-stage pipeline split against tensor parallel.
 
     python benchmarks/distributed.py [--preset small] [--prompt 128] [--tokens 32]
 
@@ -38,36 +40,77 @@ LINKS = {  # one hop's latency (s) and bandwidth (bytes/s)
 def paper_estimate() -> list[dict]:
     """tokens/s = 1 / (weights / (N * bandwidth) + collectives). A ring all_sum over N ranks
     takes 2(N - 1) hops; each layer has two (after o and after down), plus the embedding's sum
-    and the head's gather of VOCAB/N logits per rank."""
+    and the head's gather of VOCAB/N logits per rank. The pipeline rows: every Mac reads its
+    layers in turn (one Mac's time) plus N hops per token (distributed_paths.paper_pipeline)."""
+    from distributed_paths import paper_pipeline
+
     rows = []
     single = WEIGHT_GB * 1e9 / (MAC_GBPS * 1e9 * EFFICIENCY)
-    rows.append({"macs": 1, "link": "-", "ms_per_token": single * 1e3, "tokens_per_s": 1 / single})
+    rows.append({"macs": 1, "split": "-", "link": "-", "ms_per_token": single * 1e3, "tokens_per_s": 1 / single})
     for n in (2, 4):
         for link, (latency, bandwidth) in LINKS.items():
             hops = 2 * (n - 1)
             sums = (2 * LAYERS + 1) * hops * (latency + HIDDEN * 2 / n / bandwidth)  # bf16 rows, chunked
             gather = (n - 1) * (latency + VOCAB / n * 4 / bandwidth)
-            t = single / n + sums + gather
-            rows.append({"macs": n, "link": link, "ms_per_token": t * 1e3, "tokens_per_s": 1 / t})
+            for split, t in (("tensor", single / n + sums + gather),
+                             ("pipeline", paper_pipeline(single, n, latency, HIDDEN, bandwidth))):
+                rows.append({"macs": n, "split": split, "link": link, "ms_per_token": t * 1e3,
+                             "tokens_per_s": 1 / t})
     return rows
 
 
-def worker(model: str, prompt_len: int, tokens: int, out: str) -> None:
-    """One rank (or the single process): time prefill and decode, record memory."""
-    import mlx_mistral  # noqa: F401  (loads OpenBLAS before MLX)
-    import mlx.core as mx
+def decide(runs: dict, shard: dict, pp: dict, layers: int) -> dict:
+    """The numbers that choose the sharded model's CPU path, and keep or drop the pipeline."""
+    from distributed_paths import break_even_latency
 
-    from mlx_mistral.cache import make_cache
+    tp = runs["2"][0]
+    latency = max(r["all_sum_latency_s"] for r in runs["2"])
+    sums = 2 * layers + 2  # o and down per layer, the embedding's sum, the head's gather
+    native_segments_ms = shard["shard_native"]["decode_ms"] + sums * latency * 1e3
+    tp_ms = 1e3 / tp["decode_tps"]
+    single = WEIGHT_GB * 1e9 / (MAC_GBPS * 1e9 * EFFICIENCY)
+    return {
+        "all_sums_per_token": sums, "all_sum_latency_ms": latency * 1e3,
+        "tp_mlx_ops_decode_ms": tp_ms, "native_segments_decode_ms_estimate": native_segments_ms,
+        "shard_mlx_ops_alone_decode_ms": shard["shard_mlx"]["decode_ms"],
+        "sharded_path": "mlx-ops" if tp_ms <= native_segments_ms else "native-segments",
+        "pp_decode_ms": pp["decode_ms"], "pp_prefill_tps": pp["prefill_tps"],
+        "tp_prefill_tps": tp["prefill_tps"],
+        "pipeline": "keep" if pp["decode_ms"] < tp_ms and pp["prefill_tps"] > tp["prefill_tps"] else "drop",
+        "break_even_hop_latency_us": {str(n): 1e6 * break_even_latency(single, n, LAYERS) for n in (2, 4)},
+    }
+
+
+def worker(mode: str, model: str, prompt_len: int, tokens: int, out: str) -> None:
+    """One rank (or the single process) of `mode`: "tp" (tensor parallel, or one process),
+    "shard" (one rank's shard alone) or "pp" (a pipeline stage)."""
+    import mlx_mistral  # noqa: F401  (loads OpenBLAS before MLX)
+
+    import distributed_paths  # beside this script
     from mlx_mistral.distributed.group import world
-    from mlx_mistral.distributed.load import load_sharded_model
-    from mlx_mistral.distributed.shard import resident_bytes
-    from mlx_mistral.load import load_model
 
     group = world()
     rank = group.rank() if group else 0
     os.sched_setaffinity(0, {rank % os.cpu_count()})  # each rank on its own core
-    model = load_sharded_model(Path(model), group) if group else load_model(model)
-    model.native = False
+    if mode == "shard":
+        result = distributed_paths.shard_alone(Path(model), prompt_len, tokens)
+    elif mode == "pp":
+        result = distributed_paths.pipeline(Path(model), prompt_len, tokens, group)
+    else:
+        result = tensor_parallel(model, prompt_len, tokens, group)
+    Path(f"{out}.{rank}").write_text(json.dumps(dict(result, rank=rank)))
+
+
+def tensor_parallel(model: str, prompt_len: int, tokens: int, group) -> dict:
+    """Time prefill and decode of the sharded model (or the whole one), record memory."""
+    import mlx.core as mx
+
+    from mlx_mistral.cache import make_cache
+    from mlx_mistral.distributed.load import load_sharded_model
+    from mlx_mistral.distributed.shard import resident_bytes
+    from mlx_mistral.load import load_model
+
+    model = load_sharded_model(Path(model), group) if group else load_model(model)  # called: MLX ops
     prompt = mx.random.randint(100, model.args.vocab_size, (1, prompt_len), key=mx.random.key(0))
     for _ in range(2):  # the first pass warms MLX's buffers; the second is timed
         cache = make_cache(model)
@@ -88,15 +131,14 @@ def worker(model: str, prompt_len: int, tokens: int, out: str) -> None:
         for _ in range(100):
             mx.eval(mx.distributed.all_sum(x, group=group))
         latency = (time.perf_counter() - tic) / 100
-    result = {"rank": rank, "prefill_tps": prompt_len / prefill, "decode_tps": tokens / decode,
-              "resident_weight_bytes": resident_bytes(model), "peak_memory_bytes": mx.get_peak_memory(),
-              "all_sum_latency_s": latency}
-    Path(f"{out}.{rank}").write_text(json.dumps(result))
+    return {"prefill_tps": prompt_len / prefill, "decode_tps": tokens / decode,
+            "resident_weight_bytes": resident_bytes(model), "peak_memory_bytes": mx.get_peak_memory(),
+            "all_sum_latency_s": latency}
 
 
-def run(ranks: int, folder: Path, prompt_len: int, tokens: int, scratch: Path) -> list[dict]:
-    out = scratch / f"r{ranks}"
-    args = [str(Path(__file__).resolve()), "--worker", "--model", str(folder), "--prompt", str(prompt_len),
+def run(ranks: int, folder: Path, prompt_len: int, tokens: int, scratch: Path, mode: str = "tp") -> list[dict]:
+    out = scratch / f"{mode}{ranks}"
+    args = [str(Path(__file__).resolve()), "--worker", mode, "--model", str(folder), "--prompt", str(prompt_len),
             "--tokens", str(tokens), "--out", str(out)]
     env = dict(os.environ, **ONE_THREAD)
     if ranks == 1:
@@ -126,9 +168,14 @@ def report(results: dict, estimate: list[dict], dest: Path) -> None:
     lines += ["", f"One all_sum of a decode row between the ranks: {latency * 1e3:.2f} ms on {results['cpu']} "
               f"({results['preset']} preset, {results['prompt_tokens']}-token prompt, {results['decode_tokens']} "
               "decoded tokens)."]
-    lines += ["", "Paper estimate, Mistral Small 3 4-bit, decode (M4 Pro 273 GB/s at 75%):", "",
-              "| Macs | link | ms/token | tokens/s |", "|---|---|---|---|"]
-    lines += [f"| {e['macs']} | {e['link']} | {e['ms_per_token']:.1f} | {e['tokens_per_s']:.1f} |" for e in estimate]
+    lines += decision_lines(results)
+    lines += ["", "Paper estimate, Mistral Small 3 4-bit, decode of one stream (M4 Pro 273 GB/s at 75%):", "",
+              "| Macs | split | link | ms/token | tokens/s |", "|---|---|---|---|---|"]
+    lines += [f"| {e['macs']} | {e['split']} | {e['link']} | {e['ms_per_token']:.1f} | {e['tokens_per_s']:.1f} |"
+              for e in estimate]
+    even = results["decision"]["break_even_hop_latency_us"]
+    lines += ["", f"Tensor parallel beats the pipeline per token while one hop takes less than {even['2']:.0f} µs "
+              f"(2 Macs) or {even['4']:.0f} µs (4 Macs)."]
     (dest / "distributed.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(results["runs"])
@@ -141,26 +188,55 @@ def report(results: dict, estimate: list[dict], dest: Path) -> None:
     print("\n".join(lines))
 
 
+def decision_lines(results: dict) -> list[str]:
+    d, shard, pp = results["decision"], results["shard_alone"], results["pipeline"]
+    return [
+        "", "Which path a sharded model takes on this CPU (decode, ms per token, 2 ranks):", "",
+        "| path | ms/token |", "|---|---|",
+        f"| tensor parallel on MLX ops, measured | {d['tp_mlx_ops_decode_ms']:.1f} |",
+        f"| one rank's shard alone on MLX ops (no collectives) | {shard['shard_mlx']['decode_ms']:.1f} |",
+        f"| one rank's shard alone on the native decoder | {shard['shard_native']['decode_ms']:.1f} |",
+        f"| native segments, estimate: the line above + {d['all_sums_per_token']} all_sums x "
+        f"{d['all_sum_latency_ms']:.2f} ms | {d['native_segments_decode_ms_estimate']:.1f} |",
+        f"| whole model, one process, native decoder | {shard['whole_native']['decode_ms']:.1f} |",
+        "", f"Chosen: **{d['sharded_path']}**.", "",
+        "Pipeline (2 stages, layers split in half) against tensor parallel, 2 ranks:", "",
+        "| split | prefill tok/s | decode ms/token |", "|---|---|---|",
+        f"| tensor | {d['tp_prefill_tps']:.1f} | {d['tp_mlx_ops_decode_ms']:.1f} |",
+        f"| pipeline | {pp['prefill_tps']:.1f} | {pp['decode_ms']:.1f} |",
+        "", f"Pipeline: **{d['pipeline']}**.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="small")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--worker", choices=["tp", "shard", "pp"])
     parser.add_argument("--model")
     parser.add_argument("--out")
     opts = parser.parse_args()
     if opts.worker:
-        return worker(opts.model, opts.prompt, opts.tokens, opts.out)
+        return worker(opts.worker, opts.model, opts.prompt, opts.tokens, opts.out)
     from mlx_mistral.bench import device_slug
+    from mlx_mistral.config import ModelArgs
+    from mlx_mistral.load import read_config
     from mlx_mistral.synth import synth
 
-    folder = synth(CACHE_DIR / f"{opts.preset}-q4", opts.preset, bits=4)
+    folder = CACHE_DIR / f"{opts.preset}-q4"
+    if not (folder / "config.json").exists():  # made once, reused by later runs
+        synth(folder, opts.preset, bits=4)
     scratch = CACHE_DIR / "distributed"
     scratch.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
     runs = {str(n): run(n, folder, opts.prompt, opts.tokens, scratch) for n in (1, 2)}
+    shard = run(1, folder, opts.prompt, opts.tokens, scratch, "shard")[0]
+    pp = run(2, folder, opts.prompt, opts.tokens, scratch, "pp")[0]
     results = {"preset": opts.preset, "prompt_tokens": opts.prompt, "decode_tokens": opts.tokens,
-               "cpu": _cpu_name(), "runs": runs}
+               "cpu": _cpu_name(), "runs": runs, "shard_alone": shard, "pipeline": pp,
+               "decision": decide(runs, shard, pp, ModelArgs.from_dict(read_config(folder)).num_hidden_layers),
+               "wall_s": time.perf_counter() - tic}
     report(results, paper_estimate(), OUT_DIR / device_slug())
 
 

@@ -167,7 +167,8 @@ def device_info(peak: PeakBandwidth) -> dict:
 # --- the model ---------------------------------------------------------------------------------
 
 def _is_embedding(name: str) -> bool:
-    return name.split(".")[-2:-1] == ["embed_tokens"]
+    # "model.embed_tokens.weight", or a sharded model's "model.embed_tokens.embed.weight"
+    return "embed_tokens" in name.split(".")[:-1]
 
 
 def weight_bytes(model) -> int:
@@ -183,7 +184,7 @@ def weight_bytes_per_token(model, vocab_size: int) -> int:
     total = 0
     for name, v in params:
         if _is_embedding(name) and not tied:
-            total += v.nbytes // vocab_size  # one row of weight (and of scales, biases)
+            total += v.nbytes // v.shape[0]  # one row of weight (and of scales, biases); a rank holds vocab / N
         else:
             total += v.nbytes
     return total

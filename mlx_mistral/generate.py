@@ -14,7 +14,7 @@ from .budget import fit_to_budget
 from .cache import ConversationCache, KVSettings
 from .constrain import Limits, ToolChoice, check_constraints
 from .distributed.lockstep import engine_for
-from .engine import Constraint, Engine, Request, Response, Speculation
+from .engine import Constraint, Request, Response, Speculation
 from .engine.steps import DEFAULT_PREFILL_STEP, generate_step, generation_stream, prefill  # noqa: F401
 from .errors import MistralError
 from .sampling import LogitsProcessor, SamplingParams
@@ -101,8 +101,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *,
 def engine_generate_step(prompt: mx.array, model, *, max_tokens: int = 256,
                          prefill_step_size: int = DEFAULT_PREFILL_STEP, **_: Any):
     """`generate_step`'s shape (yields (token id, None)) through the engine: greedy, end of
-    sequence ignored, as `bench` measures it."""
-    engine = Engine(model, None, max_batch=1, prefill_chunk=prefill_step_size)
+    sequence ignored, as `bench` measures it (a sharded model: every rank steps it in lockstep)."""
+    engine = engine_for(model, None, max_batch=1, prefill_chunk=prefill_step_size)
     request = Request(tuple(prompt.tolist()), max_tokens, ignore_eos=True)
     for r in engine.responses(engine.submit(request)):
         if r.token is not None:

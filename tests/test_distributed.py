@@ -4,32 +4,20 @@ one process, on the tiny Mistral-quirk shape and the small preset."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from launching import CLI, LAUNCH, ROOT, TIMEOUT, launch, needs_launch
 
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.distributed.shard import check_ranks, local_args, split_axis
 from mlx_mistral.errors import MistralError
 from mlx_mistral.synth import synth
 
-ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "distributed_probe.py"
-CLI = Path(sys.executable).parent / "mlx-mistral"
-LAUNCH = shutil.which("mlx.launch")
-needs_launch = pytest.mark.skipif(LAUNCH is None or not mx.distributed.is_available(),
-                                  reason="mlx.launch and the ring backend are not available")
-TIMEOUT = 900  # two ranks on a busy 2-core machine: loading and importing dominate
-
-
-def launch(*args: str, n: int = 2) -> subprocess.CompletedProcess:
-    cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--python", sys.executable, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
 
 
 def probe(folder: Path, out: Path, ranks: int, *extra: str) -> dict:

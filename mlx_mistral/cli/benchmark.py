@@ -7,6 +7,8 @@ import json
 
 import click
 
+from ..distributed import launched
+from ..errors import MistralError
 from .options import SEED, Finite, model_option
 
 
@@ -32,23 +34,19 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
 
     from ..bench import BenchConfig, benchmark, peak_bandwidth
     from ..generate import engine_generate_step
-    from ..load import load_model, resolve
+    from ..load import resolve
     from .bench_view import live_progress, result_header, result_table
 
-    from ..distributed import launched
-
-    if launched():  # bench times generate_step on one process; the sharded benchmark is separate
-        raise click.ClickException("bench does not run under mlx.launch yet: use benchmarks/distributed.py")
-    folder = resolve(model)
-    _check_plan(folder, prompt_tokens + generation_tokens)
+    folder = resolve(model)  # under mlx.launch only rank 0 runs this: the others follow its engine
     console = Console(stderr=True)
     with console.status(f"loading {folder.name}"):
-        m = load_model(folder)
+        m, ranks = _load(folder, prompt_tokens + generation_tokens)
     config = BenchConfig(prompt_tokens, generation_tokens, num_trials, prefill_step, not no_warmup, seed)
     with console.status("measuring peak memory bandwidth"):
         peak = peak_bandwidth(peak_gbps)
-    with live_progress("mlx-mistral", num_trials, console) as listener:
-        result = benchmark(engine_generate_step, m, model_name=folder.name, runtime="mlx-mistral",
+    runtime = "mlx-mistral" if ranks == 1 else f"mlx-mistral, {ranks} ranks"
+    with live_progress(runtime, num_trials, console) as listener:
+        result = benchmark(engine_generate_step, m, model_name=folder.name, runtime=runtime,
                            vocab_size=m.args.vocab_size, config=config, peak=peak, listener=listener)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -58,14 +56,19 @@ def bench(model, prompt_tokens, generation_tokens, num_trials, prefill_step, pea
         out.print(result_table(result))
 
 
-def _check_plan(folder, context: int) -> None:
-    """Refuses, before loading, a run the model's context or this machine's memory cannot hold."""
+def _load(folder, context: int):
+    """(model, ranks): the whole model, or under mlx.launch rank 0's shard (the memory plan is
+    then one rank's, and every other rank steps rank 0's engine until this process exits)."""
     from .. import memory
-    from ..errors import MistralError
-    from ..load import read_config
+    from ..distributed.group import world
+    from ..load import load, load_model, read_config
 
     config = read_config(folder)
     limit = config.get("max_position_embeddings", 32768)
     if context > limit:
         raise MistralError(f"-p plus -g is {context} tokens, more than the model's context of {limit}")
+    if launched() and world() is not None:
+        model, _ = load(folder, context=context)
+        return model, world().size()
     memory.check_fits(memory.plan(config, context=context), memory.machine_budget(), name=folder.name)
+    return load_model(folder), 1

@@ -9,7 +9,11 @@ take one all_sum of MESSAGE_BYTES; a longer one a second, of its exact remainder
 from __future__ import annotations
 
 import atexit
+import json
+import os
 import pickle
+import select
+import signal
 import struct
 from typing import Any, Optional
 
@@ -20,8 +24,19 @@ from ..errors import MistralError, first_line
 from . import launched
 
 MESSAGE_BYTES = 4096  # one all_sum carries the length header and a step's usual news
+# how long a rank waits for the others to connect (MLX_MISTRAL_CONNECT_TIMEOUT overrides): the
+# others may still be starting over ssh and importing; MLX itself gives up connecting after ~30 s
+CONNECT_TIMEOUT_S = 60.0
 _world = None  # set once by world(): the group of this run, or False outside mlx.launch
 _listening = True  # rank 0: whether the other ranks still wait for its messages
+
+
+class OutOfStep(MistralError):
+    """A step failed on some rank: the ranks can no longer pair their collectives, so this
+    process must not run another one (it ends, and the others end when its sockets close)."""
+
+
+_broken: Optional[str] = None  # why this process stopped taking part in collectives
 
 
 def world() -> Optional[Any]:
@@ -30,20 +45,94 @@ def world() -> Optional[Any]:
     if _world is None:
         _world = False
         if launched():
-            try:
-                group = mx.distributed.init(strict=True)
-            except RuntimeError as e:
-                raise MistralError(f"cannot reach the other ranks: {first_line(e)} "
-                                   "(check the hosts in the hostfile answer and run the same mlx version)") from e
+            group = _init_within(connect_timeout())
             _world = group if group.size() > 1 else False
             if _world and group.rank() == 0:
                 atexit.register(release, group)
     return _world or None
 
 
+def connect_timeout() -> float:
+    value = os.environ.get("MLX_MISTRAL_CONNECT_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else CONNECT_TIMEOUT_S
+    except ValueError:
+        raise MistralError(f"MLX_MISTRAL_CONNECT_TIMEOUT must be a number of seconds, not {value!r}") from None
+    if not seconds > 0:
+        raise MistralError(f"MLX_MISTRAL_CONNECT_TIMEOUT must be above 0 seconds, not {value!r}")
+    return seconds
+
+
+def _ring_addresses() -> str:
+    """The ranks' addresses in MLX's ring hostfile (what mlx.launch wrote), for messages."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            ranks = json.load(f)
+        return ", ".join(f"rank {r}: {' '.join(map(str, addresses))}" for r, addresses in enumerate(ranks))
+    except (KeyError, OSError, ValueError, TypeError):
+        return "see MLX_HOSTFILE"
+
+
+def _init_within(seconds: float):
+    """mx.distributed.init, bounded in time. MLX's ring backend waits forever in accept() for a
+    rank that never connects, holding the GIL (no thread of ours could run), so a forked
+    watchdog says so in one line and kills this rank if init has not returned in time."""
+    rank = os.environ.get("MLX_RANK", "?")
+    parent = os.getpid()
+    line = (f"Error: rank {rank}: the other ranks did not answer within {seconds:g} s ({_ring_addresses()}): "
+            "check that every host in the hostfile is up, reachable on those ports and running the same "
+            "command (MLX_MISTRAL_CONNECT_TIMEOUT sets the wait)\n").encode()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the watchdog: only os calls here (a fork of a threaded process)
+        os.close(done_w)
+        ready, _, _ = select.select([done_r], [], [], seconds)
+        if not ready:
+            os.write(2, line)
+            os.kill(parent, signal.SIGKILL)
+        os._exit(0)
+    os.close(done_r)
+    try:
+        return mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        raise MistralError(f"rank {rank} cannot reach the other ranks: {_ring_reason(e)} "
+                           f"({_ring_addresses()})") from None
+    finally:
+        os.close(done_w)  # end of file: the watchdog exits
+        os.waitpid(pid, 0)
+
+
+def _ring_reason(e: RuntimeError) -> str:
+    message = first_line(e)
+    if "bind" in message:  # EADDRNOTAVAIL or EADDRINUSE
+        return (f"{message}: this host does not have the address the hostfile gives its rank, "
+                "or the port is taken")
+    if "connect" in message:
+        return f"{message}: nothing listens at another rank's address"
+    return f"{message} (run the same mlx version on every host)"
+
+
+def check_in_step() -> None:
+    """Refuses any collective after a failed step (see OutOfStep)."""
+    if _broken is not None:
+        raise OutOfStep(f"the ranks are out of step since a failed step ({_broken}): restart them")
+
+
+def break_step(reason: str) -> None:
+    """This process takes part in no more collectives; rank 0 sends no parting message."""
+    global _broken
+    _broken = _broken or reason
+    gone()
+
+
 def _sum(buffer: np.ndarray, group) -> np.ndarray:
-    out = mx.distributed.all_sum(mx.array(buffer), group=group)
-    return np.array(out)
+    check_in_step()
+    try:
+        return np.array(mx.distributed.all_sum(mx.array(buffer), group=group))
+    except RuntimeError as e:  # a rank ended (its sockets closed) while this one waited
+        break_step(first_line(e))
+        raise OutOfStep(f"rank {group.rank()} lost the other ranks: {first_line(e)} (another rank "
+                        "stopped; see its message)") from None
 
 
 def broadcast(obj: Any, group) -> Any:

@@ -225,17 +225,24 @@ class Engine:
                     sampled[i], logprobs[i] = seq.sample(logits[i : i + 1])
                 except Exception as e:  # noqa: BLE001  (one reply's grammar or processor: it alone fails)
                     seq.fail(e)
-        live = [i for i, seq in enumerate(rows) if not seq.finished]
-        if not live:
-            return
-        tokens = self._agree(mx.stack([sampled[i].reshape(()) for i in live]))
-        mx.eval(tokens, *[logprobs[i] for i in live if logprobs[i] is not None])
-        for i, token in zip(live, tokens.tolist()):
-            rows[i].accept(token, logprobs[i])
+        failed = [seq.finished for seq in rows]  # its sampling raised: it failed above
+        # a failed row's placeholder reads the logits too: every copy of a sharded engine must
+        # run the forward (and its collectives) whichever of its rows failed
+        ids = [(mx.argmax(logits[i]) if t is None else t.reshape(())).astype(mx.uint32) for i, t in enumerate(sampled)]
+        tokens, failed = self._agree(mx.stack(ids), failed)  # (B,)
+        mx.eval(tokens, *[lp for lp in logprobs if lp is not None])
+        for seq, token, lp, bad in zip(rows, tokens.tolist(), logprobs, failed):
+            if seq.finished:
+                continue
+            if bad:  # a sharded engine's reply whose sampling failed on another rank
+                seq.fail(MistralError("this reply failed on another rank of the sharded model"))
+                continue
+            seq.accept(token, lp)
 
-    def _agree(self, tokens: mx.array) -> mx.array:
-        """The ids every copy of this engine takes (a sharded engine: rank 0's; distributed/)."""
-        return tokens
+    def _agree(self, tokens: mx.array, failed: list[bool]) -> tuple[mx.array, list[bool]]:
+        """The ids every copy of this engine takes, and which replies failed on any copy (a
+        sharded engine: rank 0's ids, every rank's failures; distributed/)."""
+        return tokens, failed
 
     def _retire(self) -> None:
         done = [s for s in self.active if s.finished]

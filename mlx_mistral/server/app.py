@@ -164,3 +164,5 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8080, api_key
     server.run()
     if not server.started:
         raise MistralError(f"could not serve on {host}:{port} (is the port in use?)")
+    if app.state.worker.broken:
+        raise MistralError(app.state.worker.broken)

@@ -10,6 +10,8 @@ of the turn before it.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from ..distributed.group import OutOfStep
 from ..distributed.lockstep import engine_for
 from ..engine import DEFAULT_MAX_BATCH, Request, Response, Stream
 from ..errors import first_line
@@ -70,6 +73,7 @@ class Worker:
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.broken: Optional[str] = None  # a sharded model's ranks fell out of step: the server ends
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="mlx-mistral-generation", daemon=True)
@@ -104,6 +108,11 @@ class Worker:
                     try:
                         self.engine.step()
                     # the worker must outlive any one step's failure, or the server hangs
+                    except OutOfStep as e:  # no step can run again: fail everything and end the server
+                        self.broken = str(e)
+                        self._fail_all(f"generation failed: {e}")
+                        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful stop; serve() then exits 1
+                        break
                     except Exception as e:  # noqa: BLE001
                         log.exception("generation failed")
                         self._fail_all(f"generation failed: {type(e).__name__}: {e}")
