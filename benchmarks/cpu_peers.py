@@ -126,7 +126,9 @@ def llama_cpp_child(ids: list[int], n: int, threads: int) -> dict:
             if i + 1 == n:
                 return
 
-    return time_stream(tokens(), len(ids))
+    out = time_stream(tokens(), len(ids))
+    out["build"] = lc.llama_print_system_info().decode()  # which SIMD this llama.cpp was built for
+    return out
 
 
 def boundary_cost_us(reps: int = 2000) -> dict:
@@ -263,7 +265,9 @@ def main() -> None:
           f"{report['per_op_native_calls_per_decode_token']} native calls per token, each costing (us): "
           + ", ".join(f"{k} {v:.1f}" for k, v in report["call_cost_us"].items()))
     name = "cpu_peers" if args.threads == 2 else f"cpu_peers_{args.threads}thread"
-    if cpu._library()[0].mm_int8():  # the int8-activation GEMV ran: keep the fp32 run's files
+    lib = cpu._library()[0]
+    name += {3: "", 2: "_avx2"}.get(lib.mm_simd(), "_portable")  # a run with AVX-512 turned off
+    if lib.mm_int8():  # the int8-activation GEMV ran: keep the fp32 run's files
         name += "_int8"
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / f"{name}.png")
