@@ -330,3 +330,25 @@ def test_a_step_that_admits_a_prompt_reads_the_weights_once(quirk):
     assert calls == [(20, 2)]  # the second's 21 prompt ids but the last, then one decode row each
     out = [list(engine.responses(s)) for s in streams]
     assert [tokens(o) for o in out] == [tokens(a) for a in alone]
+
+
+def test_n_replies_of_a_cached_prompt_beside_a_prefill(quirk):
+    """n = 2 on a prompt the pool already holds (nothing to prefill), admitted in the step that
+    prefills another prompt: the sibling forks the cache before the first reply's first decode,
+    so both replies are the reply alone, log-probabilities included."""
+    model, tok, backend = quirk
+    prompt = prompt_ids(tok, 24, seed=50)
+    ask = dict(max_tokens=5, ignore_eos=True, logprobs=0)
+    alone = run(model, tok, backend, [Request(prompt, **ask)], max_batch=1)[0]
+    engine = Engine(model, tok, max_batch=4, prefix_cache=4, backend=backend)
+    list(engine.responses(engine.submit(Request(prompt, max_tokens=2, ignore_eos=True))))
+    twice = engine.submit(Request(prompt, n=2, **ask))
+    other = engine.submit(Request(prompt_ids(tok, 30, seed=51), max_tokens=3, ignore_eos=True))
+    out = list(engine.responses(twice))
+    assert out[-1].cached_tokens == len(prompt) - 1
+    want = [r.logprob for r in alone if r.token is not None]
+    for index in range(2):
+        mine = [r for r in out if r.index == index and r.token is not None]
+        assert [r.token for r in mine] == tokens(alone)
+        assert [r.logprob for r in mine] == pytest.approx(want, abs=1e-4)
+    assert len(tokens(engine.responses(other))) == 3

@@ -5,8 +5,9 @@ takes the one sharing the longest prefix with its prompt (trimmed to that prefix
 sharing nothing starts a fresh cache, so an unrelated request never evicts a conversation it
 could not use. Requests that arrive together often share a long start (one system prompt, one
 tool list) while the kept conversation can go to only one of them: the others copy that start
-from whichever running reply's cache holds it, rather than computing it again. When a reply ends, its conversation goes back to the pool as the most recent;
-past `capacity` the least recently used is dropped.
+from whichever running reply's cache holds it, rather than computing it again. When a reply
+ends, its conversation goes back to the pool as the most recent; past `capacity` the least
+recently used is dropped.
 """
 
 from __future__ import annotations

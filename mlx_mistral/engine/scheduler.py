@@ -162,9 +162,10 @@ class Engine:
             speculating = [s for s in self.active if s.speculative is not None and not s.finished]
             chunks = self._chunks(prefilling)
             logits, decoding = None, []
-            # the prompt chunks and the decode rows in one forward, unless a prompt that ends now
-            # has n > 1 siblings: they fork its cache between its prefill and its first decode
-            if chunks and not any(id(s) in self.siblings and not s.prefilling for s in prefilling):
+            # the prompt chunks and the decode rows in one forward, unless a reply whose prompt is
+            # in (now, or already when admitted) has n > 1 siblings: they fork its cache between
+            # its prefill and its first decode
+            if chunks and not any(id(s) in self.siblings and not s.prefilling for s in self.active):
                 decoding = self._decoding()
                 logits = self.backend.prefill_and_decode(chunks, [s.y for s in decoding], [s.cache for s in decoding])
             elif chunks:
