@@ -319,18 +319,6 @@ static int forward_rows(const mm_model* md, float* x, const fwd_rows* r, float* 
     return rc;
 }
 
-/* One sequence, M tokens at positions offset .. offset + M - 1. kc/vc/caps: per layer, fp32
- * (n_kv, caps[l], hd) caches whose first `offset` positions hold the earlier tokens. */
-int mm_model_forward(const mm_model* md, float* x, int64_t M, int64_t offset, float* const* kc,
-                     float* const* vc, const int64_t* caps, float* logits) {
-    int64_t* rows = malloc((size_t)(2 * M) * sizeof(int64_t));
-    for (int64_t m = 0; m < M; m++) rows[m] = offset + m, rows[M + m] = 0;
-    fwd_rows r = {M, 1, rows, rows + M, kc, vc, caps, 0};
-    int rc = forward_rows(md, x, &r, logits);
-    free(rows);
-    return rc;
-}
-
 /* Any rows: row m is sequence seq[m]'s token at position pos[m] (0 <= seq[m] < n_seq), e.g.
  * the prefill chunks of several sequences and the decode rows of others in one call, so the
  * weights are read once for all of them. A sequence's rows at consecutive positions attend to

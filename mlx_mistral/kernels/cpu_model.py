@@ -164,8 +164,6 @@ class NativeDecoder:
         self.model = model
         self.n_layers = len(model.layers)
         self.lib = cpu._library()[0]
-        self.lib.mm_model_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self.lib.mm_model_rows.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -217,30 +215,11 @@ class NativeDecoder:
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         """logits (1, T, vocab) of `tokens` (1, T), appending their K/V to `cache`."""
-        args = self.args
         cache = cache if cache is not None else [NativeKVCache() for _ in range(self.n_layers)]
-        ids = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int32)
-        T = ids.size
-        offset = cache[0].offset
-        if any(c.offset != offset for c in cache):
-            raise ValueError("the layers' caches hold different numbers of tokens")
-        views = [c.reserve(args.num_key_value_heads, args.head_dim, offset + T) for c in cache]
-        kp = (ctypes.c_void_p * len(cache))(*[v[0].ctypes.data for v in views])
-        vp = (ctypes.c_void_p * len(cache))(*[v[1].ctypes.data for v in views])
-        caps = (ctypes.c_int64 * len(cache))(*[v[0].shape[2] for v in views])
-        x = self._embed(ids)
-        want_logits = T <= HEAD_ROWS and self.has_head
-        logits = np.empty((T, args.vocab_size), np.float32) if want_logits else None
-        for start in range(0, T, MAX_ROWS):
-            rows = min(MAX_ROWS, T - start)
-            last = start + rows == T
-            rc = self.lib.mm_model_forward(ctypes.byref(self.md), x[start:].ctypes.data, rows, offset + start, kp, vp,
-                                           caps, logits.ctypes.data if (last and want_logits) else None)
-            if rc != 0:
-                raise ValueError("the native decoder does not support this model's format")
-        for c in cache:
-            c.offset += T
-        if want_logits:
+        ids = np.asarray(tokens).reshape(-1)
+        want = ids.size <= HEAD_ROWS and self.has_head  # wider calls: a lazy head nobody may read
+        x, logits = self._forward([(ids, cache)], ids.size if want else 0)
+        if want:
             return mx.array(logits)[None]
         return self._lazy_head(mx.array(x)[None])
 
@@ -259,19 +238,32 @@ class NativeDecoder:
         prefill chunk appended to that sequence's caches (no logits); then `ids[b]` is fed to
         `caches[b]` (after its chunk when a sequence has both). Returns the logits (B, vocab) of
         the `ids` rows, or None when there are none."""
-        args, n_layers = self.args, self.n_layers
+        B = len(ids)
+        x, logits = self._forward([*chunks, *zip([[int(i)] for i in ids], caches)], B if self.has_head else 0)
+        if not B:
+            return None
+        if logits is not None:
+            return mx.array(logits)
+        return self._lazy_head(mx.array(x[-B:])[None])[0]
+
+    def _forward(self, segments: Sequence[tuple[Sequence[int], list]], n_out: int):
+        """The rows of every segment (ids, that sequence's caches), in order, through one C call
+        per MAX_ROWS rows; a sequence's later segments continue its earlier ones. Returns the
+        final-normed hidden states (M, hidden) and the C head's logits of the last `n_out` rows
+        (None when n_out is 0)."""
+        args = self.args
         order: dict[int, int] = {}  # id(cache list) -> its sequence index in the call
         seqs: list[list] = []
         feed, seq_of = [], []
-        for tokens, cache in [*chunks, *zip([[int(i)] for i in ids], caches)]:
+        for tokens, cache in segments:
             s = order.setdefault(id(cache), len(seqs))
             if s == len(seqs):
                 seqs.append(cache)
             feed += list(tokens)
             seq_of += [s] * len(tokens)
-        M, D0 = len(feed), len(feed) - len(ids)  # rows D0.. are the ones whose logits are wanted
+        M, D0 = len(feed), len(feed) - n_out  # rows D0.. are the ones whose logits are wanted
         if M == 0:
-            return None
+            return np.empty((0, args.hidden_size), np.float32), None
         seq = np.asarray(seq_of, np.int64)
         start = np.empty(len(seqs), np.int64)
         for s, cache in enumerate(seqs):
@@ -290,12 +282,11 @@ class NativeDecoder:
         vp = (ctypes.c_void_p * len(views))(*[v[1].ctypes.data for v in views])
         caps = (ctypes.c_int64 * len(views))(*[v[0].shape[2] for v in views])
         x = self._embed(np.ascontiguousarray(feed, dtype=np.int32))
-        want = len(ids) > 0 and self.has_head
-        logits = np.empty((len(ids), args.vocab_size), np.float32) if want else None
+        logits = np.empty((n_out, args.vocab_size), np.float32) if n_out else None
         for a in range(0, M, MAX_ROWS):  # bounds the call's scratch; later windows see earlier K/V
             b = min(a + MAX_ROWS, M)
             first = max(D0 - a, 0)  # the window's first row with logits (b - a: none)
-            out = logits[a + first - D0:].ctypes.data if want and first < b - a else None
+            out = logits[a + first - D0:].ctypes.data if n_out and first < b - a else None
             rc = self.lib.mm_model_rows(ctypes.byref(self.md), x[a:].ctypes.data, b - a, pos[a:].ctypes.data,
                                         seq[a:].ctypes.data, len(seqs), kp, vp, caps, first, out)
             if rc != 0:
@@ -303,11 +294,7 @@ class NativeDecoder:
         for s, cache in enumerate(seqs):
             for c in cache:
                 c.offset += int(seen[s])
-        if not len(ids):
-            return None
-        if logits is not None:
-            return mx.array(logits)
-        return self._lazy_head(mx.array(x[D0:])[None])[0]
+        return x, logits
 
     def _lazy_head(self, h: mx.array) -> mx.array:
         """Logits of many rows as a lazy MLX graph: a prefill chunk's are never evaluated."""
