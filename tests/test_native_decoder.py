@@ -218,3 +218,21 @@ def test_portable_build_runs_the_decoder_too(smollm2_q4):
         lib.mm_use_portable(0)
     for g, w in zip(got, run(ref, [PROMPT, [28]])):
         assert scaled_err(g, w) < 1e-4
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_decode_rows_attend_over_a_long_cache(smollm2_q4, portable):
+    """Decode rows (attention per head and row, then the MLP's SiLU) at ~300 cached positions, a
+    count that is not a multiple of 8: the AVX2 versions (e^x in 8 lanes, masked tails) and the
+    portable C ones both match MLX."""
+    native, ref = smollm2_q4
+    chunks = [[int(i) for i in np.random.default_rng(0).integers(100, 40000, 299)], [28], [7018], [5]]
+    lib = cpu._library()[0]
+    lib.mm_use_portable(int(portable))
+    try:
+        got = run(native, chunks)
+    finally:
+        lib.mm_use_portable(0)
+    for g, w in zip(got[1:], run(ref, chunks)[1:]):
+        assert scaled_err(g, w) < 1e-4
+        assert g.argmax() == w.argmax()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("cpu_qmm.c")
-HEADERS = [Path(__file__).with_name(n) for n in ("cpu_pool.h", "cpu_q8.h", "cpu_q8w.h", "cpu_model.h")]  # included by SOURCE
+HEADERS = [Path(__file__).with_name(n) for n in ("cpu_pool.h", "cpu_q8.h", "cpu_q8w.h", "cpu_attn.h", "cpu_model.h")]  # included by SOURCE
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 
 

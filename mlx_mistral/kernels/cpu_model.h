@@ -119,24 +119,17 @@ static void softmax_inplace(float* s, int64_t n) {
     for (int64_t j = 0; j < n; j++) s[j] *= inv;
 }
 
+#include "cpu_attn.h"
+
 /* one (head, row) pair: chunk i = h * M + m; the row sees its own sequence's first pos + 1 keys */
 static void attn_chunk(const void* p, int64_t i) {
     const attn_args* a = p;
     int64_t h = i / a->M, m = i % a->M, hd = a->hd, L = a->pos[m] + 1, s_ = a->seq[m];
     if (a->done && a->done[m]) return;
     int64_t g = h / (a->n_heads / a->n_kv), cap = a->caps[s_];
-    const float* q = a->q + m * a->q_ld + h * hd;
-    const float *K = a->kc[s_] + g * cap * hd, *V = a->vc[s_] + g * cap * hd;
     float* s = malloc((size_t)L * sizeof(float));
-    for (int64_t j = 0; j < L; j++) s[j] = dot_any(q, K + j * hd, hd) * a->scale;
-    softmax_inplace(s, L);
-    float* o = a->out + m * a->n_heads * hd + h * hd;
-    for (int64_t d = 0; d < hd; d++) o[d] = 0.f;
-    for (int64_t j = 0; j < L; j++) {
-        const float* v = V + j * hd;
-        float pj = s[j];
-        for (int64_t d = 0; d < hd; d++) o[d] += pj * v[d];
-    }
+    attn_row(a->q + m * a->q_ld + h * hd, a->kc[s_] + g * cap * hd, a->vc[s_] + g * cap * hd, L, hd, a->scale, s,
+             a->out + m * a->n_heads * hd + h * hd);
     free(s);
 }
 
@@ -274,11 +267,8 @@ static int mlp_block(const mm_model* md, int64_t l, float* x, int64_t M, fwd_scr
         up = gu + M * F, ld = F;
     }
     if (rc != 0) return rc;
-    for (int64_t m = 0; m < M; m++)  /* silu(gate) * up, written over the gate half in place */
-        for (int64_t f = 0; f < F; f++) {
-            float g = gate[m * ld + f];
-            gu[m * F + f] = g / (1.0f + expf(-g)) * up[m * ld + f];
-        }
+    for (int64_t m = 0; m < M; m++)  /* silu(gate) * up into rows of F, in order: row m's output ends before its input */
+        silu_mul(gate + m * ld, up + m * ld, gu + m * F, F);
     rc = mat_mul(gu, M, &L->down, t->xn);
     if (rc != 0) return rc;
     for (int64_t i = 0; i < M * H; i++) x[i] += t->xn[i];

@@ -16,7 +16,7 @@
  */
 #ifdef MM_X86
 
-#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512dq,avx2,fma,f16c")))
+#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define Q8W_KT 16  /* pairs of chunks per K tile with several inputs: 8 inputs x 2 KB stay in L1 */
 
 /* one row's xq from chunk order [c.even | c.odd | c+1.even | c+1.odd] to pair order */

@@ -282,7 +282,7 @@ AVX2 static void gemv_small_avx2(const float* x, const float* xsum, int mr, int6
  * pair of the chunk per tile, so the tile of x (8 inputs x 2 KB at most) stays in L1: streaming
  * all of x per row pair from L2 cost more than the weights themselves at large K or several
  * inputs. Up to 8 inputs per pass (draft verification, prefill chunks). */
-#define AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 #define KT_BLOCKS 8
 
 /* (K/64, 8, 8): per block b and nibble t, x[64b + 8i + t] for i = 0..7 */
@@ -307,7 +307,7 @@ static inline float scale_at(const void* p, int64_t i, int dt) {
 }
 
 /* the scales of block b of rows (r, r2) as 16 lanes: 8 of row r, 8 of row r2 */
-AVX512 static inline __m512 block_scales(const void* sc, int dt, int gs, int64_t G, int64_t r, int64_t r2, int64_t b) {
+AVX512 static inline __attribute__((always_inline)) __m512 block_scales(const void* sc, int dt, int gs, int64_t G, int64_t r, int64_t r2, int64_t b) {
     if (gs == 32) {  /* lanes 0-3, 4-7 of each row: the block's two groups */
         const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
         int64_t g = 2 * b;
@@ -322,11 +322,19 @@ AVX512 static inline __m512 block_scales(const void* sc, int dt, int gs, int64_t
 }
 
 /* 16 scales or biases from index i, in their stored dtype, as floats */
-AVX512 static inline __m512 load16(const void* p, int64_t i, int dt) {
+AVX512 static inline __attribute__((always_inline)) __m512 load16(const void* p, int64_t i, int dt) {
     if (dt == DT_F32) return _mm512_loadu_ps((const float*)p + i);
     __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
     if (dt == DT_F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  /* bf16: the high half */
+}
+
+/* the first lanes of `k` of load16, zeros above, reading nothing past them */
+AVX512 static inline __attribute__((always_inline)) __m512 load16_masked(const void* p, int64_t i, int dt, __mmask16 k) {
+    if (dt == DT_F32) return _mm512_maskz_loadu_ps(k, (const float*)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t*)p + i);
+    if (dt == DT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* sum over the G groups of one row of bias[g] * xsum[g]: the bias part of the factored GEMV.
@@ -336,10 +344,9 @@ AVX512 static inline __attribute__((always_inline)) float bias_term(const void* 
     __m512 acc = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(load16(bi, at + g, dt), _mm512_loadu_ps(xsum + g), acc);
-    if (g < G) {  /* the tail through zero-padded copies: masked 16-bit loads would need AVX-512BW */
-        float b[16] = {0}, xs[16] = {0};
-        for (int64_t i = g; i < G; i++) b[i - g] = scale_at(bi, at + i, dt), xs[i - g] = xsum[i];
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(b), _mm512_loadu_ps(xs), acc);
+    if (g < G) {  /* masked loads: a K of 576 (SmolLM2) leaves a tail of 9 groups on every row */
+        __mmask16 k = (__mmask16)((1u << (G - g)) - 1);
+        acc = _mm512_fmadd_ps(load16_masked(bi, at + g, dt, k), _mm512_maskz_loadu_ps(k, xsum + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -364,8 +371,6 @@ AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
         for (int p = 0; p < npairs; p++) {
             int64_t r = n0 + 2 * p, r2 = r + 1 < n1 ? r + 1 : r;  /* odd tail: row r twice, stored once */
             const uint32_t *w0 = w + r * wpr, *w1 = w + r2 * wpr;
-            __m512 t8[8];
-            for (int m = 0; m < MR; m++) t8[m] = tot[p][m];
             for (int64_t b = kt; b < kend; b++) {
                 _mm_prefetch((const char*)(w0 + 8 * b + PF), _MM_HINT_T0);
                 _mm_prefetch((const char*)(w1 + 8 * b + PF), _MM_HINT_T0);
@@ -386,10 +391,9 @@ AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
                 for (int m = 0; m < MR; m++) {
                     __m512 a = acc[m][0];
                     for (int c = 1; c < CH; c++) a = _mm512_add_ps(a, acc[m][c]);
-                    t8[m] = _mm512_fmadd_ps(a, sv, t8[m]);
+                    tot[p][m] = _mm512_fmadd_ps(a, sv, tot[p][m]);
                 }
             }
-            for (int m = 0; m < MR; m++) tot[p][m] = t8[m];
         }
     }
     for (int p = 0; p < npairs; p++) {
@@ -440,14 +444,17 @@ static int g_avx512 = 0;  /* the AVX-512 4-bit GEMV for one input row (K a multi
 static int g_int8 = 0;
 static int g_q8w = 0;  /* the int8 GEMV on 512-bit registers (needs AVX-512BW, K % 128 == 0) */
 
-static int has_avx512bw(void) {
+/* what the AVX512 kernels are built for (BW/VL: their masked 16-bit loads) */
+static int has_avx512(void) {
 #ifdef MM_X86
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 #else
     return 0;
 #endif
 }
+
+static int has_avx512bw(void) { return has_avx512() && getenv("MLX_MISTRAL_NO_AVX512") == NULL; }
 
 /* int8 activations: every M where there is no AVX-512 float GEMV; MLX_MISTRAL_INT8=0/1/2 forces */
 static int int8_default(void) {
@@ -476,7 +483,7 @@ static void pick_kernels(void) {
         k_deq = deq_row_avx2;
         k_dot = dot_avx2;
         g_simd = 2;
-        g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+        g_avx512 = has_avx512() && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
         g_int8 = int8_default();
         g_q8w = q8w_default();
     }
@@ -487,7 +494,7 @@ static void pick_kernels(void) {
 void mm_use_avx512(int on) {
     pick_kernels();
 #ifdef MM_X86
-    g_avx512 = on && g_simd == 2 && (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"));
+    g_avx512 = on && g_simd == 2 && has_avx512();
 #else
     (void)on;
 #endif
@@ -500,7 +507,7 @@ void mm_use_portable(int on) {
 #ifdef MM_X86
     if (!on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         k_gemv = gemv_avx2, k_deq = deq_row_avx2, k_dot = dot_avx2, g_simd = 2;
-        g_avx512 = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
+        g_avx512 = has_avx512() && getenv("MLX_MISTRAL_NO_AVX512") == NULL;
         g_int8 = int8_default();
         g_q8w = q8w_default();
     } else {
