@@ -91,3 +91,17 @@ def test_smollm2_answers_paris(smollm2_dir):
     model, tok = load(smollm2_dir)
     reply = generate(model, tok, "What is the capital of France?", max_tokens=16, temperature=0)
     assert "Paris" in reply
+
+
+def test_generate_step_yields_log_probabilities_of_the_greedy_choice(tiny):
+    """Greedy picks from the logits and leaves the log-probabilities lazy: read, they are still
+    a log-softmax over the vocabulary whose argmax is the token yielded."""
+    model, tok = tiny
+    ids = tok.encode_chat([{"role": "user", "content": "Hello"}])
+    steps = list(generate_step(mx.array(ids), model, max_tokens=4))
+    for token, logprobs in steps:
+        assert logprobs.shape == (model.args.vocab_size,)
+        assert abs(mx.logsumexp(logprobs).item()) < 1e-4
+        assert mx.argmax(logprobs).item() == token
+    sampled = list(generate_step(mx.array(ids), model, max_tokens=4, sampler=lambda lp: mx.argmax(lp, axis=-1)))
+    assert [t for t, _ in sampled] == [t for t, _ in steps]

@@ -66,7 +66,6 @@ def generate_step(
     if prompt_cache is None:
         prompt_cache = run.make_cache(KVSettings(kv_bits, kv_group_size, max_kv_size).check(model.args.head_dim))
     cache = prompt_cache
-    sampler = sampler or greedy
     history = [prompt]  # ids the logits processors look back over
 
     def decode_one_token(ids: mx.array, new: bool = True) -> tuple[mx.array, mx.array]:
@@ -77,17 +76,20 @@ def generate_step(
             for processor in logits_processors:
                 logits = processor(history[0], logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        # greedy picks from the logits themselves: the log-probabilities stay a lazy graph that
+        # only a caller who reads them evaluates (on the CPU, ~1 ms a token over a 49k vocab)
+        y = sampler(logprobs) if sampler is not None else greedy(logits)
+        return y, logprobs.squeeze(0)
 
     with mx.stream(generation_stream):
         # everything but the last prompt id goes through prefill; the last gives the logits
         prefill(model, prompt[:-1], cache, prefill_step_size, progress)
         y, logprobs = decode_one_token(prompt[-1:], new=False)
-        mx.async_eval(y, logprobs)
+        mx.async_eval(y)
         for n in range(max_tokens):
             if n + 1 < max_tokens:
                 next_y, next_logprobs = decode_one_token(y)
-                mx.async_eval(next_y, next_logprobs)
+                mx.async_eval(next_y)
             yield y.item(), logprobs
             if n % 256 == 255:
                 mx.clear_cache()

@@ -351,6 +351,18 @@ AVX512 static inline __attribute__((always_inline)) float bias_term(const void* 
     return _mm512_reduce_add_ps(acc);
 }
 
+/* y of rows r and r + 1 (if `two`) for MR inputs from their accumulators (8 lanes per row) */
+AVX512 static inline __attribute__((always_inline)) void pair_out(const __m512* t8, int64_t r, int two,
+                                                                    const void* bi, int dt, const float* xsum,
+                                                                    int64_t G, float* y, int64_t ldy, const int MR) {
+    for (int m = 0; m < MR; m++) {
+        y[m * ldy + r] = hsum8(_mm512_castps512_ps256(t8[m])) + bias_term(bi, dt, r * G, xsum + m * G, G);
+        if (two)
+            y[m * ldy + r + 1] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t8[m]), 1))) +
+                                 bias_term(bi, dt, (r + 1) * G, xsum + m * G, G);
+    }
+}
+
 /* rows n0 .. n1 (at most CHUNK_ROWS) against MR inputs: y[m * ldy + n] */
 AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
     const float* xp, const float* xsum, int64_t K, const uint32_t* w, const void* sc, const void* bi, int dt, int gs,
@@ -360,9 +372,7 @@ AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
     const int CH = MR == 1 ? 4 : (MR <= 4 ? 2 : 1);
     int64_t G = K / gs, wpr = K / 8, B = K / 64;
     int npairs = (int)((n1 - n0 + 1) / 2);
-    __m512 tot[CHUNK_ROWS / 2][8];
-    for (int p = 0; p < npairs; p++)
-        for (int m = 0; m < MR; m++) tot[p][m] = _mm512_setzero_ps();
+    __m512 tot[CHUNK_ROWS / 2][8];  /* a pair's sums between K tiles (several inputs only) */
     /* one input: x is small enough to stay near, so each row pair streams its whole row (the
      * prefetcher sees two long streams); several: K tiles, prefetching the next tile */
     const int64_t KT = MR == 1 ? B : KT_BLOCKS, PF = MR == 1 ? PF_WORDS : 8 * KT_BLOCKS;
@@ -371,6 +381,10 @@ AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
         for (int p = 0; p < npairs; p++) {
             int64_t r = n0 + 2 * p, r2 = r + 1 < n1 ? r + 1 : r;  /* odd tail: row r twice, stored once */
             const uint32_t *w0 = w + r * wpr, *w1 = w + r2 * wpr;
+            /* the sums stay in registers across the K loop (a store per block into tot was a
+             * store-to-load chain that halved the one-input rate) */
+            __m512 t8[8];
+            for (int m = 0; m < MR; m++) t8[m] = kt == 0 ? _mm512_setzero_ps() : tot[p][m];
             for (int64_t b = kt; b < kend; b++) {
                 _mm_prefetch((const char*)(w0 + 8 * b + PF), _MM_HINT_T0);
                 _mm_prefetch((const char*)(w1 + 8 * b + PF), _MM_HINT_T0);
@@ -391,19 +405,13 @@ AVX512 static inline __attribute__((always_inline)) void gemv4_tiled(
                 for (int m = 0; m < MR; m++) {
                     __m512 a = acc[m][0];
                     for (int c = 1; c < CH; c++) a = _mm512_add_ps(a, acc[m][c]);
-                    tot[p][m] = _mm512_fmadd_ps(a, sv, tot[p][m]);
+                    t8[m] = _mm512_fmadd_ps(a, sv, t8[m]);
                 }
             }
-        }
-    }
-    for (int p = 0; p < npairs; p++) {
-        int64_t r = n0 + 2 * p;
-        int two = r + 1 < n1;
-        for (int m = 0; m < MR; m++) {
-            float bs0 = bias_term(bi, dt, r * G, xsum + m * G, G);
-            float bs1 = two ? bias_term(bi, dt, (r + 1) * G, xsum + m * G, G) : 0.f;
-            y[m * ldy + r] = hsum8(_mm512_castps512_ps256(tot[p][m])) + bs0;
-            if (two) y[m * ldy + r + 1] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot[p][m]), 1))) + bs1;
+            if (kend == B)
+                pair_out(t8, r, r + 1 < n1, bi, dt, xsum, G, y, ldy, MR);
+            else
+                for (int m = 0; m < MR; m++) tot[p][m] = t8[m];
         }
     }
 }
