@@ -8,7 +8,7 @@ round counts. mlx-mistral and mlx-lm load the same MLX 4-bit g64 folder (convert
 fp32 HF checkpoint with mlx_lm.convert); llama.cpp runs the original Q4_1 GGUF. Prefill tok/s is
 prompt length over time to first token; decode tok/s counts the tokens after it.
 Writes benchmarks/results/cpu/cpu_peers.json and .png (cpu_peers_Nthread.* for other thread
-counts; big_model.json for --big).
+counts; big_model.json / big_model_Nthread.json for --big).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/fixtures.py
 
@@ -30,6 +31,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import fixtures  # noqa: E402
+from mlx_mistral.bench import read_test_gbps  # noqa: E402
 from mlx_mistral.engine.backend import NATIVE_ENV, backend_for  # noqa: E402
 from mlx_mistral.generate import generate_step  # noqa: E402
 from mlx_mistral.kernels import cpu  # noqa: E402
@@ -91,12 +93,14 @@ def run_mlx_lm(model, tokenizer, ids: list[int], n: int) -> dict:
     return time_stream(stream_generate(model, tokenizer, ids, max_tokens=n), len(ids))
 
 
-def run_llama_cpp(ids: list[int], n: int, threads: int) -> dict:
+def run_llama_cpp(ids: list[int], n: int, threads: int, package: Optional[Path] = None) -> dict:
     """llama.cpp in a child process: its thread pool stays out of ours, and a crash in it costs
-    only its own column."""
-    code = ("import json, sys; sys.path.insert(0, %r); import cpu_peers; "
+    only its own column. `package`: a folder whose `llama_cpp` the child imports instead of the
+    installed one (e.g. with an AVX2-only libggml-cpu.so, to compare on AVX2 kernels alone)."""
+    paths = [str(Path(__file__).resolve().parent)] + ([str(package)] if package else [])
+    code = ("import json, sys; sys.path[:0] = %r; import cpu_peers; "
             "print(json.dumps(cpu_peers.llama_cpp_child(json.loads(sys.argv[1]), %d, %d)))"
-            % (str(Path(__file__).resolve().parent), n, threads))
+            % (paths[::-1], n, threads))
     run = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"llama.cpp exited with {run.returncode}: {run.stderr.strip()[-300:]}")
@@ -171,7 +175,7 @@ def peers(args) -> dict:
         "mlx-lm": lambda: run_mlx_lm(lm_model, lm_tok, ids, args.decode),
     }
     if importlib.util.find_spec("llama_cpp"):
-        runners["llama.cpp"] = lambda: run_llama_cpp(ids, args.decode, args.threads)
+        runners["llama.cpp"] = lambda: run_llama_cpp(ids, args.decode, args.threads, args.llama_cpp_package)
     else:
         print("llama-cpp-python not installed: llama.cpp left out", file=sys.stderr)
 
@@ -239,8 +243,11 @@ def big(args) -> dict:
     res = run_mlx_mistral(model, ids, args.decode)
     res["gb_per_s"] = read * res["decode_tps"] / 1e9
     res["gb_per_cpu_s"] = read / (res["decode_cpu_ms_per_token"] / 1e3) / 1e9
+    res["read_test_gbps"] = read_test_gbps()  # the machine's read ceiling (all cores), same run
+    res["of_read_test"] = res["gb_per_s"] / res["read_test_gbps"]
     print(f"{args.big}: decode {res['decode_tps']:.2f} tok/s, {res['gb_per_s']:.1f} GB/s of weights "
-          f"({read / 1e9:.2f} GB per token); prefill {res['prefill_tps']:.1f} tok/s")
+          f"({read / 1e9:.2f} GB per token, {100 * res['of_read_test']:.0f}% of the read test's "
+          f"{res['read_test_gbps']:.1f} GB/s); prefill {res['prefill_tps']:.1f} tok/s")
     return {"model": str(args.big), "load_average_after": os.getloadavg()[0], "bytes_per_token": read, "prompt_tokens": len(ids), "decode_tokens": args.decode,
             "threads": args.threads, "kernels": cpu.describe(),
             "native_decoder": backend_for(model).name == "native-cpu", **res}
@@ -252,13 +259,16 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--llama-cpp-package", type=Path,
+                        help="a folder holding the llama_cpp package to run instead of the installed one")
     parser.add_argument("--big", type=Path, help="a large MLX 4-bit folder: decode tok/s and GB/s only")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"machine": cpu_name(), "mlx": mx.__version__}
     if args.big:
         report.update(big(args))
-        (RESULTS / "big_model.json").write_text(json.dumps(report, indent=2))
+        name = "big_model" if args.threads == 2 else f"big_model_{args.threads}thread"
+        (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
         return
     report.update(peers(args))
     print(f"native decoder: {report['native_decoder']}; the per-op path makes "
