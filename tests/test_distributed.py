@@ -3,6 +3,7 @@ one process, on the tiny Mistral-quirk shape and the small preset."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,14 +21,27 @@ from mlx_mistral.synth import synth
 PROBE = ROOT / "tests" / "distributed_probe.py"
 
 
-def probe(folder: Path, out: Path, ranks: int, *extra: str) -> dict:
+def probe(folder: Path, out: Path, ranks: int, *extra: str, env: dict = None) -> dict:
     args = [PROBE, "--model", folder, "--out", out, *extra]
+    env = dict(os.environ, **(env or {}))
     if ranks == 1:
-        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT,
+                              env=env)
     else:
-        done = launch(*args, n=ranks)
+        done = launch(*args, n=ranks, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return dict(np.load(out))
+
+
+def assert_path(run: dict, native: bool) -> None:
+    """Every rank ran the prompt on the native CPU decoder (its own KV caches), or on MLX ops."""
+    assert list(run["native"]) == [int(native)] * len(run["native"]), run["native"]
+
+
+def assert_batch_matches_alone(run: dict, atol: float) -> None:
+    """Two sequences decoded in one batched step give what each gives alone."""
+    np.testing.assert_array_equal(run["together"].argmax(-1), run["alone"].argmax(-1))
+    np.testing.assert_allclose(run["together"], run["alone"], atol=atol, rtol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +71,21 @@ def test_rank_count_that_does_not_divide_the_heads_is_one_line():
 
 @needs_launch
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kv_bits", [("tiny", None), ("tiny-q4", None)])
-def test_two_ranks_match_one_process(folders, tmp_path, name, kv_bits):
-    extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
-    one = probe(folders[name], tmp_path / "one.npz", 1, *extra)
-    two = probe(folders[name], tmp_path / "two.npz", 2, *extra)
+@pytest.mark.parametrize("name,switch,native", [("tiny", None, False), ("tiny-q4", None, True), ("tiny-q4", "0", False)])
+def test_two_ranks_match_one_process(folders, tmp_path, name, switch, native):
+    # 4-bit projections take the native decoder, its all_sums called from C; unquantized ones
+    # (and MLX_MISTRAL_NATIVE_DECODER=0) keep MLX ops, on one process and on every rank alike
+    env = {"MLX_MISTRAL_NATIVE_DECODER": switch} if switch else None
+    one = probe(folders[name], tmp_path / "one.npz", 1, env=env)
+    two = probe(folders[name], tmp_path / "two.npz", 2, env=env)
+    assert_path(one, native)
+    assert_path(two, native)
+    assert list(two["backend_native"]) == [int(native)] * 2  # the backend each rank chose
     np.testing.assert_array_equal(one["ids"], two["ids"])  # greedy ids: identical
     np.testing.assert_allclose(two["prefill"], one["prefill"], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(two["decode"], one["decode"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(two["together"], one["together"], atol=1e-4, rtol=1e-4)
+    assert_batch_matches_alone(two, 1e-4)
     assert len(two["resident"]) == 2
     assert max(two["resident"]) <= 0.55 * one["resident"][0]
 
@@ -79,11 +100,17 @@ def test_small_preset_two_ranks_match_one_process(tmp_path_factory, tmp_path, kv
     extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
     one = probe(folder, tmp_path / "one.npz", 1, *extra)
     two = probe(folder, tmp_path / "two.npz", 2, *extra)
+    # a plain KV cache takes the native decoder on every rank; a quantized one keeps MLX ops
+    assert_path(one, kv_bits is None)
+    assert_path(two, kv_bits is None)
+    assert list(two["backend_native"]) == [1, 1]
     np.testing.assert_array_equal(one["ids"], two["ids"])
     # the split sums o/down in two partial sums: float32 rounding differs, and 8-bit KV groups
     # can round a value the other way
     np.testing.assert_allclose(two["prefill"], one["prefill"], atol=2e-2)
     np.testing.assert_allclose(two["decode"], one["decode"], atol=2e-2)
+    np.testing.assert_allclose(two["together"], one["together"], atol=2e-2)
+    assert_batch_matches_alone(two, 2e-2)
     assert max(two["resident"]) <= 0.55 * one["resident"][0]
 
 
