@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launching import CLI, LAUNCH, ROOT, TIMEOUT, launch, needs_launch
+from launching import CLI, LAUNCH, ROOT, TIMEOUT, free_port, launch, needs_launch, wait_healthy
 
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.distributed.shard import check_ranks, local_args, split_axis
@@ -71,7 +71,8 @@ def test_rank_count_that_does_not_divide_the_heads_is_one_line():
 
 @needs_launch
 @pytest.mark.slow
-@pytest.mark.parametrize("name,switch,native", [("tiny", None, False), ("tiny-q4", None, True), ("tiny-q4", "0", False)])
+@pytest.mark.parametrize("name,switch,native",
+                         [("tiny", None, False), ("tiny-q4", None, True), ("tiny-q4", "0", False)])
 def test_two_ranks_match_one_process(folders, tmp_path, name, switch, native):
     # 4-bit projections take the native decoder, its all_sums called from C; unquantized ones
     # (and MLX_MISTRAL_NATIVE_DECODER=0) keep MLX ops, on one process and on every rank alike
@@ -134,31 +135,6 @@ def test_missing_model_folder_is_one_line_on_every_rank(tmp_path):
     assert "no such model folder" in two.stderr and "Traceback" not in two.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("the sharded server did not come up")
-
-
 def _ranks(launcher: subprocess.Popen) -> list[int]:
     """The rank processes mlx.launch started (its children)."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True)
@@ -173,13 +149,13 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
 
     import openai
 
-    port = _free_port()
+    port = free_port()
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), "serve",
            "--model", str(folders["tiny"]), "--port", str(port), "--no-ui"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
         messages = [{"role": "user", "content": "Hello"}]
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
