@@ -117,8 +117,9 @@ def test_small_preset_two_ranks_match_one_process(tmp_path_factory, tmp_path, kv
 
 @needs_launch
 @pytest.mark.slow
-def test_generate_under_mlx_launch_prints_what_one_process_prints(folders):
-    args = ["generate", "--model", str(folders["tiny"]), "--prompt", "Hello there", "--max-tokens", "10",
+@pytest.mark.parametrize("name", ["tiny", "tiny-q4"])  # MLX ops; the native decoder
+def test_generate_under_mlx_launch_prints_what_one_process_prints(folders, name):
+    args = ["generate", "--model", str(folders[name]), "--prompt", "Hello there", "--max-tokens", "10",
             "--temp", "0"]
     one = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=TIMEOUT)
     two = launch(CLI, *args)
@@ -180,10 +181,11 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
 
 @needs_launch
 @pytest.mark.slow
-def test_chat_under_mlx_launch_matches_one_process_across_turns_and_reset(folders):
+@pytest.mark.parametrize("name", ["tiny", "tiny-q4"])  # MLX ops; the native decoder
+def test_chat_under_mlx_launch_matches_one_process_across_turns_and_reset(folders, name):
     # turn 2 reuses turn 1's KV on every rank; after /reset every rank starts over
     turns = "Hello\nTell me more\n/reset\nHello\n/quit\n"
-    args = ["chat", "--model", str(folders["tiny"]), "--max-tokens", "6", "--temp", "0", "--context", "512"]
+    args = ["chat", "--model", str(folders[name]), "--max-tokens", "6", "--temp", "0", "--context", "512"]
     one = subprocess.run([str(CLI), *args], input=turns, capture_output=True, text=True, timeout=TIMEOUT)
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), *args]
     two = subprocess.run(cmd, input=turns, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
