@@ -23,7 +23,10 @@ from mlx_mistral.engine.backend import backend_for
 from mlx_mistral.kernels.cpu_model import NativeKVCache
 from mlx_mistral.load import load_model
 
-PROMPT = [1, 3, 1050, 1115, 2036, 7000, 91, 1032, 4011, 1044, 2027, 1600]  # arbitrary in-vocabulary ids
+# arbitrary in-vocabulary ids; longer than the native decoder's HEAD_ROWS, so its prefill logits
+# come from the lazy head (the MLX graph a sharded model's VocabHead gathers)
+PROMPT = [1, 3, 1050, 1115, 2036, 7000, 91, 1032, 4011, 1044, 2027, 1600, 1300, 2500, 1777, 3100, 1042, 6000,
+          1201, 1010]
 OTHER = [1, 3, 2200, 1234, 1099, 5000, 77]  # a second sequence, shorter: the batch is ragged
 DECODE_STEPS = 6
 BATCH_STEPS = 3
