@@ -1,13 +1,14 @@
 """Tensor parallel on one machine: decode and prefill tokens/s and per-rank memory at 1 and 2
 ranks (each rank pinned to its own core, one BLAS thread), plus a paper estimate for 2 and 4
 Macs from memory bandwidth and the link's latency per all_sum. Also measured, in the same run
-(distributed_paths.py): which path a sharded model should take on the CPU (MLX ops, or the
-native decoder cut into segments), and a 2-stage pipeline split against tensor parallel.
+(distributed_paths.py): the sharded model on both CPU paths (MLX ops; the native decoder with
+its all_sums called from C, what a sharded model takes now) next to the estimate that chose
+the native one, and a 2-stage pipeline split against tensor parallel.
 
     python benchmarks/distributed.py [--preset small] [--prompt 128] [--tokens 32]
 
-Writes benchmarks/results/<backend>/distributed.{json,png,md}. The 1-rank run is one process
-on the MLX-ops path (the path a sharded model takes), so the two differ only by the split.
+Writes benchmarks/results/<backend>/distributed.{json,png,md}. The 1- and 2-rank "runs" are
+on MLX ops, so the two differ only by the split; "tp_native" is 2 ranks on the native decoder.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def paper_estimate() -> list[dict]:
     return rows
 
 
-def decide(runs: dict, shard: dict, pp: dict, layers: int) -> dict:
+def decide(runs: dict, shard: dict, pp: dict, native: dict, layers: int) -> dict:
     """The numbers that choose the sharded model's CPU path, and keep or drop the pipeline."""
     from distributed_paths import break_even_latency
 
@@ -72,8 +73,9 @@ def decide(runs: dict, shard: dict, pp: dict, layers: int) -> dict:
     return {
         "all_sums_per_token": sums, "all_sum_latency_ms": latency * 1e3,
         "tp_mlx_ops_decode_ms": tp_ms, "native_segments_decode_ms_estimate": native_segments_ms,
+        "tp_native_decode_ms": native["decode_ms"], "tp_native_prefill_tps": native["prefill_tps"],
         "shard_mlx_ops_alone_decode_ms": shard["shard_mlx"]["decode_ms"],
-        "sharded_path": "mlx-ops" if tp_ms <= native_segments_ms else "native-segments",
+        "sharded_path": "mlx-ops" if tp_ms <= native["decode_ms"] else "native",
         "pp_decode_ms": pp["decode_ms"], "pp_prefill_tps": pp["prefill_tps"],
         "tp_prefill_tps": tp["prefill_tps"],
         "pipeline": "keep" if pp["decode_ms"] < tp_ms and pp["prefill_tps"] > tp["prefill_tps"] else "drop",
@@ -82,8 +84,9 @@ def decide(runs: dict, shard: dict, pp: dict, layers: int) -> dict:
 
 
 def worker(mode: str, model: str, prompt_len: int, tokens: int, out: str) -> None:
-    """One rank (or the single process) of `mode`: "tp" (tensor parallel, or one process),
-    "shard" (one rank's shard alone) or "pp" (a pipeline stage)."""
+    """One rank (or the single process) of `mode`: "tp" (tensor parallel on MLX ops, or one
+    process), "tpn" (tensor parallel on the native decoder), "shard" (one rank's shard alone)
+    or "pp" (a pipeline stage)."""
     import mlx_mistral  # noqa: F401  (loads OpenBLAS before MLX)
 
     import distributed_paths  # beside this script
@@ -96,6 +99,12 @@ def worker(mode: str, model: str, prompt_len: int, tokens: int, out: str) -> Non
         result = distributed_paths.shard_alone(Path(model), prompt_len, tokens)
     elif mode == "pp":
         result = distributed_paths.pipeline(Path(model), prompt_len, tokens, group)
+    elif mode == "tpn":
+        from mlx_mistral.distributed.load import load_sharded_model
+        from mlx_mistral.engine.backend import Backend
+
+        backend = Backend(load_sharded_model(Path(model), group), native=True)
+        result = distributed_paths.timed(backend, prompt_len, tokens)
     else:
         result = tensor_parallel(model, prompt_len, tokens, group)
     Path(f"{out}.{rank}").write_text(json.dumps(dict(result, rank=rank)))
@@ -105,15 +114,15 @@ def tensor_parallel(model: str, prompt_len: int, tokens: int, group) -> dict:
     """Time prefill and decode of the sharded model (or the whole one), record memory."""
     import mlx.core as mx
 
-    from mlx_mistral.cache import make_cache
     from mlx_mistral.distributed.load import load_sharded_model
+    from mlx_mistral.engine.backend import backend_for
     from mlx_mistral.distributed.shard import resident_bytes
     from mlx_mistral.load import load_model
 
     model = load_sharded_model(Path(model), group) if group else load_model(model)  # called: MLX ops
     prompt = mx.random.randint(100, model.args.vocab_size, (1, prompt_len), key=mx.random.key(0))
     for _ in range(2):  # the first pass warms MLX's buffers; the second is timed
-        cache = make_cache(model)
+        cache = backend_for(model, native=False).make_cache()
         tic = time.perf_counter()
         y = mx.argmax(model(prompt, cache=cache)[:, -1], axis=-1)
         mx.eval(y)
@@ -179,7 +188,8 @@ def report(results: dict, estimate: list[dict], dest: Path) -> None:
     (dest / "distributed.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(results["runs"])
-    ax[0].bar(names, [results["runs"][n][0]["decode_tps"] for n in names])
+    ax[0].bar([f"{n}, MLX ops" for n in names], [results["runs"][n][0]["decode_tps"] for n in names])
+    ax[0].bar(["2, native"], [1e3 / results["decision"]["tp_native_decode_ms"]])
     ax[0].set(title="decode (small preset, this CPU)", xlabel="ranks", ylabel="tokens/s")
     ax[1].bar(names, [max(r["resident_weight_bytes"] for r in results["runs"][n]) / 1e6 for n in names])
     ax[1].set(title="weights per rank", xlabel="ranks", ylabel="MB")
@@ -193,16 +203,19 @@ def decision_lines(results: dict) -> list[str]:
     return [
         "", "Which path a sharded model takes on this CPU (decode, ms per token, 2 ranks):", "",
         "| path | ms/token |", "|---|---|",
+        f"| tensor parallel on the native decoder (all_sums from C), measured | {d['tp_native_decode_ms']:.1f} |",
         f"| tensor parallel on MLX ops, measured | {d['tp_mlx_ops_decode_ms']:.1f} |",
         f"| one rank's shard alone on MLX ops (no collectives) | {shard['shard_mlx']['decode_ms']:.1f} |",
         f"| one rank's shard alone on the native decoder | {shard['shard_native']['decode_ms']:.1f} |",
         f"| native segments, estimate: the line above + {d['all_sums_per_token']} all_sums x "
         f"{d['all_sum_latency_ms']:.2f} ms | {d['native_segments_decode_ms_estimate']:.1f} |",
         f"| whole model, one process, native decoder | {shard['whole_native']['decode_ms']:.1f} |",
-        "", f"Chosen: **{d['sharded_path']}**.", "",
+        "", f"Faster on this CPU: **{d['sharded_path']}** (a sharded model takes the native decoder where it "
+        "can run).", "",
         "Pipeline (2 stages, layers split in half) against tensor parallel, 2 ranks:", "",
         "| split | prefill tok/s | decode ms/token |", "|---|---|---|",
-        f"| tensor | {d['tp_prefill_tps']:.1f} | {d['tp_mlx_ops_decode_ms']:.1f} |",
+        f"| tensor, native decoder | {d['tp_native_prefill_tps']:.1f} | {d['tp_native_decode_ms']:.1f} |",
+        f"| tensor, MLX ops | {d['tp_prefill_tps']:.1f} | {d['tp_mlx_ops_decode_ms']:.1f} |",
         f"| pipeline | {pp['prefill_tps']:.1f} | {pp['decode_ms']:.1f} |",
         "", f"Pipeline: **{d['pipeline']}**.",
     ]
@@ -213,7 +226,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--worker", choices=["tp", "shard", "pp"])
+    parser.add_argument("--worker", choices=["tp", "tpn", "shard", "pp"])
     parser.add_argument("--model")
     parser.add_argument("--out")
     opts = parser.parse_args()
@@ -233,9 +246,11 @@ def main() -> None:
     runs = {str(n): run(n, folder, opts.prompt, opts.tokens, scratch) for n in (1, 2)}
     shard = run(1, folder, opts.prompt, opts.tokens, scratch, "shard")[0]
     pp = run(2, folder, opts.prompt, opts.tokens, scratch, "pp")[0]
+    native = run(2, folder, opts.prompt, opts.tokens, scratch, "tpn")
+    layers = ModelArgs.from_dict(read_config(folder)).num_hidden_layers
     results = {"preset": opts.preset, "prompt_tokens": opts.prompt, "decode_tokens": opts.tokens,
-               "cpu": _cpu_name(), "runs": runs, "shard_alone": shard, "pipeline": pp,
-               "decision": decide(runs, shard, pp, ModelArgs.from_dict(read_config(folder)).num_hidden_layers),
+               "cpu": _cpu_name(), "runs": runs, "shard_alone": shard, "pipeline": pp, "tp_native": native,
+               "decision": decide(runs, shard, pp, native[0], layers),
                "wall_s": time.perf_counter() - tic}
     report(results, paper_estimate(), OUT_DIR / device_slug())
 

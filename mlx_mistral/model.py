@@ -169,6 +169,9 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        # the shapes this process holds: a rank of a sharded model keeps its slice's here while
+        # `args` becomes the whole model's (distributed/shard.py `wire`)
+        self.local_args = args
         self.model_type = args.model_type
         self.model = Transformer(args)
         if not args.tie_word_embeddings:

@@ -74,3 +74,25 @@ def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tupl
             if p.poll() is None:
                 p.kill()
     return out
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen) -> None:
+    """Until the server at `url` answers /health; fails if `proc` ends first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the sharded server did not come up")

@@ -6,6 +6,7 @@ checks, alone or as one rank under mlx.launch. Each rank writes OUT.RANK (JSON) 
     fail-sample    sampling one reply raises on --rank only: that reply fails, the next works
     fail-step      the third decode step raises on --rank only, in `mlx-mistral generate`:
                    every rank ends, one line each
+    fail-serve     the same failure in `mlx-mistral serve --port PORT`, once a request runs
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def inject(mode: str) -> None:
             return sample(self, logits)
 
         Sequence.sample = failing
-    elif mode == "fail-step":
+    elif mode in ("fail-step", "fail-serve"):
         decode, calls = Backend.decode, []
 
         def failing(self, tokens, caches):
@@ -77,8 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", required=True, choices=["conversations", "fail-sample", "fail-step"])
+    parser.add_argument("--mode", required=True, choices=["conversations", "fail-sample", "fail-step", "fail-serve"])
     parser.add_argument("--rank", type=int, default=0, help="the rank that fails")
+    parser.add_argument("--port", type=int, default=8080, help="fail-serve: where rank 0 serves")
     opts = parser.parse_args()
     group = world()
     rank = group.rank() if group else 0
@@ -91,6 +93,10 @@ def main() -> None:
         from mlx_mistral.cli import main as cli
 
         return cli(["generate", "--model", opts.model, "--prompt", "Hello", "--max-tokens", "8", "--temp", "0"])
+    if opts.mode == "fail-serve":
+        from mlx_mistral.cli import main as cli
+
+        return cli(["serve", "--model", opts.model, "--port", str(opts.port), "--no-ui"])
     model, tokenizer = load(opts.model)
     if opts.mode == "conversations":
         report.update(conversations(model, tokenizer))

@@ -3,6 +3,7 @@ one process, on the tiny Mistral-quirk shape and the small preset."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launching import CLI, LAUNCH, ROOT, TIMEOUT, launch, needs_launch
+from launching import CLI, LAUNCH, ROOT, TIMEOUT, free_port, launch, needs_launch, wait_healthy
 
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.distributed.shard import check_ranks, local_args, split_axis
@@ -20,14 +21,27 @@ from mlx_mistral.synth import synth
 PROBE = ROOT / "tests" / "distributed_probe.py"
 
 
-def probe(folder: Path, out: Path, ranks: int, *extra: str) -> dict:
+def probe(folder: Path, out: Path, ranks: int, *extra: str, env: dict = None) -> dict:
     args = [PROBE, "--model", folder, "--out", out, *extra]
+    env = dict(os.environ, **(env or {}))
     if ranks == 1:
-        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT,
+                              env=env)
     else:
-        done = launch(*args, n=ranks)
+        done = launch(*args, n=ranks, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return dict(np.load(out))
+
+
+def assert_path(run: dict, native: bool) -> None:
+    """Every rank ran the prompt on the native CPU decoder (its own KV caches), or on MLX ops."""
+    assert list(run["native"]) == [int(native)] * len(run["native"]), run["native"]
+
+
+def assert_batch_matches_alone(run: dict, atol: float) -> None:
+    """Two sequences decoded in one batched step give what each gives alone."""
+    np.testing.assert_array_equal(run["together"].argmax(-1), run["alone"].argmax(-1))
+    np.testing.assert_allclose(run["together"], run["alone"], atol=atol, rtol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +71,22 @@ def test_rank_count_that_does_not_divide_the_heads_is_one_line():
 
 @needs_launch
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kv_bits", [("tiny", None), ("tiny-q4", None)])
-def test_two_ranks_match_one_process(folders, tmp_path, name, kv_bits):
-    extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
-    one = probe(folders[name], tmp_path / "one.npz", 1, *extra)
-    two = probe(folders[name], tmp_path / "two.npz", 2, *extra)
+@pytest.mark.parametrize("name,switch,native",
+                         [("tiny", None, False), ("tiny-q4", None, True), ("tiny-q4", "0", False)])
+def test_two_ranks_match_one_process(folders, tmp_path, name, switch, native):
+    # 4-bit projections take the native decoder, its all_sums called from C; unquantized ones
+    # (and MLX_MISTRAL_NATIVE_DECODER=0) keep MLX ops, on one process and on every rank alike
+    env = {"MLX_MISTRAL_NATIVE_DECODER": switch} if switch else None
+    one = probe(folders[name], tmp_path / "one.npz", 1, env=env)
+    two = probe(folders[name], tmp_path / "two.npz", 2, env=env)
+    assert_path(one, native)
+    assert_path(two, native)
+    assert list(two["backend_native"]) == [int(native)] * 2  # the backend each rank chose
     np.testing.assert_array_equal(one["ids"], two["ids"])  # greedy ids: identical
     np.testing.assert_allclose(two["prefill"], one["prefill"], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(two["decode"], one["decode"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(two["together"], one["together"], atol=1e-4, rtol=1e-4)
+    assert_batch_matches_alone(two, 1e-4)
     assert len(two["resident"]) == 2
     assert max(two["resident"]) <= 0.55 * one["resident"][0]
 
@@ -79,18 +101,25 @@ def test_small_preset_two_ranks_match_one_process(tmp_path_factory, tmp_path, kv
     extra = ("--kv-bits", str(kv_bits)) if kv_bits else ()
     one = probe(folder, tmp_path / "one.npz", 1, *extra)
     two = probe(folder, tmp_path / "two.npz", 2, *extra)
+    # a plain KV cache takes the native decoder on every rank; a quantized one keeps MLX ops
+    assert_path(one, kv_bits is None)
+    assert_path(two, kv_bits is None)
+    assert list(two["backend_native"]) == [1, 1]
     np.testing.assert_array_equal(one["ids"], two["ids"])
     # the split sums o/down in two partial sums: float32 rounding differs, and 8-bit KV groups
     # can round a value the other way
     np.testing.assert_allclose(two["prefill"], one["prefill"], atol=2e-2)
     np.testing.assert_allclose(two["decode"], one["decode"], atol=2e-2)
+    np.testing.assert_allclose(two["together"], one["together"], atol=2e-2)
+    assert_batch_matches_alone(two, 2e-2)
     assert max(two["resident"]) <= 0.55 * one["resident"][0]
 
 
 @needs_launch
 @pytest.mark.slow
-def test_generate_under_mlx_launch_prints_what_one_process_prints(folders):
-    args = ["generate", "--model", str(folders["tiny"]), "--prompt", "Hello there", "--max-tokens", "10",
+@pytest.mark.parametrize("name", ["tiny", "tiny-q4"])  # MLX ops; the native decoder
+def test_generate_under_mlx_launch_prints_what_one_process_prints(folders, name):
+    args = ["generate", "--model", str(folders[name]), "--prompt", "Hello there", "--max-tokens", "10",
             "--temp", "0"]
     one = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=TIMEOUT)
     two = launch(CLI, *args)
@@ -107,31 +136,6 @@ def test_missing_model_folder_is_one_line_on_every_rank(tmp_path):
     assert "no such model folder" in two.stderr and "Traceback" not in two.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("the sharded server did not come up")
-
-
 def _ranks(launcher: subprocess.Popen) -> list[int]:
     """The rank processes mlx.launch started (its children)."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True)
@@ -146,13 +150,13 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
 
     import openai
 
-    port = _free_port()
+    port = free_port()
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), "serve",
            "--model", str(folders["tiny"]), "--port", str(port), "--no-ui"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
         messages = [{"role": "user", "content": "Hello"}]
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
@@ -177,10 +181,11 @@ def test_serve_on_two_ranks_answers_openai_and_stops_on_sigterm(folders):
 
 @needs_launch
 @pytest.mark.slow
-def test_chat_under_mlx_launch_matches_one_process_across_turns_and_reset(folders):
+@pytest.mark.parametrize("name", ["tiny", "tiny-q4"])  # MLX ops; the native decoder
+def test_chat_under_mlx_launch_matches_one_process_across_turns_and_reset(folders, name):
     # turn 2 reuses turn 1's KV on every rank; after /reset every rank starts over
     turns = "Hello\nTell me more\n/reset\nHello\n/quit\n"
-    args = ["chat", "--model", str(folders["tiny"]), "--max-tokens", "6", "--temp", "0", "--context", "512"]
+    args = ["chat", "--model", str(folders[name]), "--max-tokens", "6", "--temp", "0", "--context", "512"]
     one = subprocess.run([str(CLI), *args], input=turns, capture_output=True, text=True, timeout=TIMEOUT)
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(CLI), *args]
     two = subprocess.run(cmd, input=turns, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)

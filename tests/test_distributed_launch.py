@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from launching import CLI, ROOT, error_lines, finish, free_ports, launch, needs_launch, ring_hostfile, start_rank
+from launching import (CLI, ROOT, error_lines, finish, free_port, free_ports, launch, needs_launch, ring_hostfile,
+                       start_rank, wait_healthy)
 
 from mlx_mistral.synth import synth
 
@@ -22,6 +23,12 @@ QUICK = 300  # s: a misconfigured run must end well before TIMEOUT
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("launch") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    """4-bit: a sharded model of it takes the native decoder, its all_sums called from C."""
+    return synth(tmp_path_factory.mktemp("launch") / "tiny", "tiny", bits=4)
 
 
 def by_hand(tmp_path, ranks: int, *args, env=None, timeout=QUICK):
@@ -138,3 +145,29 @@ def test_a_step_that_raises_on_one_rank_ends_every_rank_with_one_line(tiny, tmp_
     assert "injected forward failure" in error_lines(results[failing][2])[0]
     other = results[1 - failing][2]
     assert "lost the other ranks" in error_lines(other)[0] or "connection to a peer was lost" in error_lines(other)[0]
+
+
+@needs_launch
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_server_whose_step_raises_on_one_rank_ends_every_rank_with_one_line(tiny_q4, tmp_path, failing):
+    # On MLX ops, rank 0 can wait forever in MLX's ring all_reduce once rank 1 has gone (seen with
+    # failing=1 on the unquantized tiny model): this runs the native path, where it ends
+    import httpx
+
+    port = free_port()
+    args = (PROBE, "--model", tiny_q4, "--out", tmp_path / "serve", "--mode", "fail-serve", "--rank", failing,
+            "--port", port)
+    hostfile = ring_hostfile(tmp_path / "ring.json", free_ports(2))
+    ranks = [start_rank(r, hostfile, *map(str, args)) for r in range(2)]
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", ranks[0])
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=QUICK)
+        assert reply.status_code >= 500 and "failed" in reply.text, reply.text
+    finally:
+        results = finish(ranks, timeout=QUICK)  # every rank ends by itself, or is killed and the test fails
+    for rank, (status, _, stderr) in enumerate(results):
+        assert status == 1, f"rank {rank} exited {status}: {stderr[-2000:]}"
+    assert_one_line_each(results, "")
+    assert "injected forward failure" in error_lines(results[failing][2])[0]

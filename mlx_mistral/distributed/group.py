@@ -9,11 +9,13 @@ take one all_sum of MESSAGE_BYTES; a longer one a second, of its exact remainder
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import pickle
 import select
 import signal
+import socket
 import struct
 from typing import Any, Optional
 
@@ -49,7 +51,27 @@ def world() -> Optional[Any]:
             _world = group if group.size() > 1 else False
             if _world and group.rank() == 0:
                 atexit.register(release, group)
+            if _world:
+                share_cores(group)
     return _world or None
+
+
+def share_cores(group) -> int:
+    """Give the native kernels this rank's share of its host's cores: ranks started on one
+    host (mlx.launch -n 2) would each run a thread per core, twice as many threads as cores,
+    and a rank waiting in an all_sum would wait for the other's descheduled thread. Returns
+    the threads set. Every rank calls it once (one all_sum), right after they connect."""
+    from ..kernels import cpu
+
+    host = hashlib.sha256(socket.gethostname().encode()).digest()[:8]
+    mine = np.zeros((group.size(), 2), dtype=np.int32)
+    mine[group.rank()] = np.frombuffer(host, dtype=np.int32)
+    hosts = _sum(mine, group)
+    here = int((hosts == hosts[group.rank()]).all(axis=1).sum())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    threads = max(1, (cores or 1) // here)
+    cpu.set_threads(threads)
+    return threads
 
 
 def connect_timeout() -> float:

@@ -14,7 +14,8 @@ against a gather of vocab x 4 bytes (0.5 MB) of logits per decoded row.
 
 A rank builds the model from a *local* ModelArgs (heads, FFN width and vocabulary divided by
 the rank count), so every module has its slice's shape and `load_weights(strict=True)` checks
-each slice; `model.args` is then set back to the whole model's, which is what the engine reads.
+each slice; `model.args` is then set back to the whole model's, which is what the engine reads
+(`model.local_args` keeps the slice's shapes, which the native decoder reads).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def wire(model, args: ModelArgs, group) -> None:
     model.lm_head = VocabHead(head, group)
     # the head is its own module now, also for tied embeddings
     model.args = dataclasses.replace(args, tie_word_embeddings=False)
-    model.group = group  # the backend runs a sharded model on MLX ops: the native decoder has no collectives
+    model.group = group  # the native decoder sums and gathers through it too (distributed/native.py)
 
 
 def resident_bytes(model) -> int:

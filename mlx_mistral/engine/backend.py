@@ -27,12 +27,13 @@ def native_refusal(model) -> Optional[str]:
         return f"MLX runs on {dispatch.backend()}, not its CPU backend"
     if os.environ.get(NATIVE_ENV) == "0":
         return f"{NATIVE_ENV}=0"
-    if getattr(model, "group", None) is not None:
-        return "the model is sharded (its all_sums run between MLX ops)"
     if dispatch.cpu_kernels() is None:
         return "the native CPU kernels are not available"
     if not isinstance(model, Model):  # the decoder reads Model's own layout of weights
         return f"{type(model).__name__} is not an mlx-mistral Model"
+    # A sharded model (model.group) runs here too, its all_sums called from the C decoder. Every
+    # rank must choose alike (the C decoder's float32 sums would not pair with MLX ops' sums):
+    # nothing above depends on the rank, given the same install and environment on every host.
     from ..kernels.cpu_model import NativeDecoder
 
     return NativeDecoder.supports(model)

@@ -38,6 +38,11 @@ typedef struct mm_model {
     const mm_layer* layers;
     const float* final_norm;  /* fp32 (H) */
     mm_mat head;  /* head.w NULL: no head here */
+    /* A tensor-parallel rank's all_sum of the o and down projections' partial products (n
+     * floats, summed in place across the ranks; 0 = done). NULL: the model is whole. Called on
+     * the calling thread between pool jobs. */
+    int (*reduce)(void* ctx, float* buf, int64_t n);
+    void* reduce_ctx;
 } mm_model;
 
 #define ATTN_BLAS_MIN_ROWS 16 /* from this many queries, attention goes through sgemm per head */
@@ -51,6 +56,20 @@ static void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, 
         float inv = 1.0f / sqrtf(ss / (float)H + eps);
         for (int64_t i = 0; i < H; i++) out[m * H + i] = r[i] * inv * w[i];
     }
+}
+
+/* x += y (M*H) after summing a row-parallel projection's partial product y across the ranks;
+ * the pool's workers sleep meanwhile (a spinning worker would take the core another rank on
+ * this host needs to finish its half of the sum) */
+static int add_reduced(const mm_model* md, float* x, float* y, int64_t n) {
+    if (md->reduce) {
+        atomic_store(&g_resting, 1);
+        int rc = md->reduce(md->reduce_ctx, y, n);
+        atomic_store(&g_resting, 0);
+        if (rc != 0) return -2;
+    }
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+    return 0;
 }
 
 static int mat_mul(const float* x, int64_t M, const mm_mat* a, float* y) {
@@ -246,9 +265,7 @@ static int attention_block(const mm_model* md, int64_t l, float* x, const fwd_ro
         run_job(attn_chunk, &aa, md->n_heads * M, bytes);
     }
     rc = mat_mul(t->att, M, &L->o, t->xn);
-    if (rc != 0) return rc;
-    for (int64_t i = 0; i < M * H; i++) x[i] += t->xn[i];
-    return 0;
+    return rc != 0 ? rc : add_reduced(md, x, t->xn, M * H);
 }
 
 /* x += down(silu(gate) * up) of rmsnorm(x) for layer l */
@@ -270,14 +287,13 @@ static int mlp_block(const mm_model* md, int64_t l, float* x, int64_t M, fwd_scr
     for (int64_t m = 0; m < M; m++)  /* silu(gate) * up into rows of F, in order: row m's output ends before its input */
         silu_mul(gate + m * ld, up + m * ld, gu + m * F, F);
     rc = mat_mul(gu, M, &L->down, t->xn);
-    if (rc != 0) return rc;
-    for (int64_t i = 0; i < M * H; i++) x[i] += t->xn[i];
-    return 0;
+    return rc != 0 ? rc : add_reduced(md, x, t->xn, M * H);
 }
 
 /* x (M, H): the rows' embeddings in, the final-normed hidden states out; every row's K/V written
  * at its own position. logits (M, head.N) if the model has a head here and logits is not NULL.
- * Returns 0, or -1 for a format the kernels do not cover or a cache too small. */
+ * Returns 0, -1 for a format the kernels do not cover or a cache too small, -2 when the
+ * model's reduce hook failed (its caller holds the reason). */
 static int forward_rows(const mm_model* md, float* x, const fwd_rows* r, float* logits) {
     pick_kernels();
     if (md->n_heads % md->n_kv != 0 || md->head_dim % 2 != 0 || r->logit_from < 0) return -1;

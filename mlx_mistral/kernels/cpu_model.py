@@ -53,7 +53,8 @@ class _Model(ctypes.Structure):
     _fields_ = [("H", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv", ctypes.c_int64),
                 ("head_dim", ctypes.c_int64), ("F", ctypes.c_int64), ("n_layers", ctypes.c_int64),
                 ("eps", ctypes.c_float), ("rope_base", ctypes.c_float), ("scale", ctypes.c_float),
-                ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Mat)]
+                ("layers", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Mat),
+                ("reduce", ctypes.c_void_p), ("reduce_ctx", ctypes.c_void_p)]  # reduce: a sharded model's all_sum
 
 
 class NativeKVCache(KVCache):
@@ -126,11 +127,22 @@ def _norm(module: nn.Module) -> np.ndarray:
 
 
 class NativeDecoder:
-    """The model's weights as C structs (pointers into MLX's buffers, held alive here)."""
+    """The model's weights as C structs (pointers into MLX's buffers, held alive here).
+
+    A rank of a sharded model (`model.group` set) runs its slice: the shapes are the slice's
+    (`model.local_args`), the row-parallel projections' partial products are summed across the
+    ranks from inside the C call, and the embedding and the head are joined around it
+    (distributed/native.py)."""
 
     def __init__(self, model):
-        args = model.args
+        args = model.local_args  # this process's shapes (a slice of the model when sharded)
         self.args = args
+        self.vocab = model.args.vocab_size  # the whole model's: what a logits row holds
+        self.shard = None
+        if model.group is not None:
+            from ..distributed.native import NativeCollectives
+
+            self.shard = NativeCollectives(model)
         self.packs: list = []  # keep every Packed (its numpy views pin the MLX buffers)
         self.norms: list[np.ndarray] = []
         layers = (_Layer * len(model.layers))()
@@ -144,20 +156,25 @@ class NativeDecoder:
             for j, m in enumerate(qkv):
                 L.qkv[j] = self._mat(m)
             L.n_qkv = len(qkv)
-            L.o = self._mat(attn.o_proj)
+            L.o = self._mat(self._local(attn.o_proj))
             for j, m in enumerate(gu):
                 L.gu[j] = self._mat(m)
             L.n_gu = len(gu)
-            L.down = self._mat(mlp.down_proj)
+            L.down = self._mat(self._local(mlp.down_proj))
         self.layers = layers
         embed = model.model.embed_tokens
+        if self.shard is not None:  # shard.VocabEmbedding / VocabHead around this rank's rows
+            head, embed = model.lm_head.linear, embed.embed
+        else:
+            head = embed if args.tie_word_embeddings else model.lm_head
         self.embed = self._mat(embed) if _quantized(embed) else None
-        head = embed if args.tie_word_embeddings else model.lm_head
         md = _Model(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
                     args.intermediate_size, len(model.layers), args.rms_norm_eps, args.rope_theta,
                     args.head_dim**-0.5, ctypes.cast(layers, ctypes.c_void_p), self._norm_ptr(model.model.norm))
         if _quantized(head):
             md.head = self._mat(head)
+        if self.shard is not None:
+            md.reduce = ctypes.cast(self.shard.reduce, ctypes.c_void_p)
         self.has_head = _quantized(head)
         self.head = head
         self.md = md
@@ -174,17 +191,23 @@ class NativeDecoder:
         """None if the decoder can run this model, else why not."""
         if not cpu.available():
             return cpu._library()[1]
-        args = model.args
+        args = model.local_args
         if args.num_attention_heads % args.num_key_value_heads or args.head_dim % 2:
             return "head layout"
+        local = (lambda m: m.linear) if model.group is not None else (lambda m: m)  # shard.SumAcross
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
             mats = ([attn.qkv_proj.linear] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj])
-            mats += [attn.o_proj, mlp.down_proj]
+            mats += [local(attn.o_proj), local(mlp.down_proj)]
             mats += [mlp.gate_up_proj.linear] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
             if not all(_quantized(m) for m in mats):
                 return "a projection is not affine 4/8-bit with group 32/64/128"
         return None
+
+    def _local(self, module):
+        """A row-parallel projection's own matrix: a sharded model wraps it in its all_sum
+        (shard.SumAcross), which the C call makes itself."""
+        return module.linear if self.shard is not None else module
 
     def _norm_ptr(self, module) -> int:
         w = _norm(module)
@@ -206,11 +229,20 @@ class NativeDecoder:
         return tokens.ndim == 2 and tokens.shape[0] == 1 and tokens.shape[1] > 0 and NativeDecoder.owns(cache)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.shard is not None and self.embed is not None:  # C looks up this rank's rows
+            return self.shard.embed(ids, self._rows)
         x = np.empty((ids.size, self.args.hidden_size), np.float32)
-        if self.embed is None:
+        if self.embed is None:  # a sharded model's VocabEmbedding sums across the ranks itself
             x[:] = np.asarray(self.model.model.embed_tokens(mx.array(ids)).astype(mx.float32))
-        elif self.lib.mm_embed(ctypes.byref(self.embed), ids.ctypes.data, ids.size, x.ctypes.data) != 0:
-            raise ValueError(f"token id out of range 0..{self.args.vocab_size - 1}")
+            return x
+        return self._rows(ids)
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of the (local) quantized embedding, float32 (M, hidden)."""
+        x = np.empty((ids.size, self.args.hidden_size), np.float32)
+        if self.lib.mm_embed(ctypes.byref(self.embed), np.ascontiguousarray(ids, np.int32).ctypes.data, ids.size,
+                             x.ctypes.data) != 0:
+            raise ValueError(f"token id out of range 0..{self.vocab - 1}")
         return x
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
@@ -220,7 +252,7 @@ class NativeDecoder:
         want = ids.size <= HEAD_ROWS and self.has_head  # wider calls: a lazy head nobody may read
         x, logits = self._forward([(ids, cache)], ids.size if want else 0)
         if want:
-            return mx.array(logits)[None]
+            return logits[None]
         return self._lazy_head(mx.array(x)[None])
 
     def decode(self, ids: Sequence[int], caches: Sequence[list]) -> mx.array:
@@ -229,7 +261,7 @@ class NativeDecoder:
         if len(caches) != len(ids):
             raise ValueError(f"{len(ids)} tokens but {len(caches)} caches")
         if not len(ids):
-            return mx.zeros((0, self.args.vocab_size), mx.float32)
+            return mx.zeros((0, self.vocab), mx.float32)
         return self.rows((), ids, caches)
 
     def rows(self, chunks: Sequence[tuple[Sequence[int], list]], ids: Sequence[int] = (),
@@ -243,14 +275,14 @@ class NativeDecoder:
         if not B:
             return None
         if logits is not None:
-            return mx.array(logits)
+            return logits
         return self._lazy_head(mx.array(x[-B:])[None])[0]
 
     def _forward(self, segments: Sequence[tuple[Sequence[int], list]], n_out: int):
         """The rows of every segment (ids, that sequence's caches), in order, through one C call
         per MAX_ROWS rows; a sequence's later segments continue its earlier ones. Returns the
         final-normed hidden states (M, hidden) and the C head's logits of the last `n_out` rows
-        (None when n_out is 0)."""
+        as an MLX array, gathered across the ranks of a sharded model (None when n_out is 0)."""
         args = self.args
         order: dict[int, int] = {}  # id(cache list) -> its sequence index in the call
         seqs: list[list] = []
@@ -289,16 +321,21 @@ class NativeDecoder:
             out = logits[a + first - D0:].ctypes.data if n_out and first < b - a else None
             rc = self.lib.mm_model_rows(ctypes.byref(self.md), x[a:].ctypes.data, b - a, pos[a:].ctypes.data,
                                         seq[a:].ctypes.data, len(seqs), kp, vp, caps, first, out)
+            if rc == -2:
+                raise self.shard.failure()
             if rc != 0:
                 raise ValueError("the native decoder does not support this model's format")
         for s, cache in enumerate(seqs):
             for c in cache:
                 c.offset += int(seen[s])
-        return x, logits
+        if logits is None:
+            return x, None
+        return x, self.shard.gather(logits) if self.shard is not None else mx.array(logits)
 
     def _lazy_head(self, h: mx.array) -> mx.array:
-        """Logits of many rows as a lazy MLX graph: a prefill chunk's are never evaluated."""
-        if self.has_head:
+        """Logits of many rows as a lazy MLX graph: a prefill chunk's are never evaluated. A
+        sharded model's head gathers its slices when they are (every rank reads the same)."""
+        if self.has_head and self.shard is None:
             head = self.head
             return dispatch.dequantized_matmul(h, head["weight"], head["scales"], head["biases"],
                                                group_size=head.group_size, bits=head.bits)

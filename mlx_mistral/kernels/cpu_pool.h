@@ -4,7 +4,8 @@
  * waits only for chunks a worker has already claimed, never for a worker to show up: on a
  * busy machine a descheduled worker costs nothing, where a fork/join barrier (OpenMP) would
  * stall every call until it runs again. Workers spin briefly after a job (decode issues
- * matmuls back to back), then sleep on a condition variable.
+ * matmuls back to back), then sleep on a condition variable; at once while the caller waits on
+ * other ranks (g_resting), whose processes may need these cores.
  */
 #define SPIN_NS 100000
 #define MAX_THREADS 256
@@ -27,6 +28,7 @@ static job_t* g_job = NULL;
 static atomic_long g_gen = 0;
 static int g_threads = 0;  /* per job, the caller included; 0 until first use */
 static int g_started = 0;  /* worker threads running */
+static atomic_int g_resting = 0;  /* set: the caller waits on something else, workers sleep at once */
 
 static inline void cpu_relax(void) {
 #ifdef MM_X86
@@ -52,7 +54,7 @@ static void* worker(void* arg) {
     for (;;) {
         int64_t until = now_ns() + SPIN_NS;
         for (int s = 0; atomic_load(&g_gen) == seen; s++) {
-            if ((s & 255) == 255 && now_ns() > until) break;
+            if ((s & 255) == 255 && (now_ns() > until || atomic_load(&g_resting))) break;
             cpu_relax();
         }
         pthread_mutex_lock(&g_mu);
