@@ -97,10 +97,10 @@ def run_llama_cpp(ids: list[int], n: int, threads: int, package: Optional[Path] 
     """llama.cpp in a child process: its thread pool stays out of ours, and a crash in it costs
     only its own column. `package`: a folder whose `llama_cpp` the child imports instead of the
     installed one (e.g. with an AVX2-only libggml-cpu.so, to compare on AVX2 kernels alone)."""
-    paths = [str(Path(__file__).resolve().parent)] + ([str(package)] if package else [])
+    paths = ([str(package)] if package else []) + [str(Path(__file__).resolve().parent)]  # package first
     code = ("import json, sys; sys.path[:0] = %r; import cpu_peers; "
             "print(json.dumps(cpu_peers.llama_cpp_child(json.loads(sys.argv[1]), %d, %d)))"
-            % (paths[::-1], n, threads))
+            % (paths, n, threads))
     run = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"llama.cpp exited with {run.returncode}: {run.stderr.strip()[-300:]}")
