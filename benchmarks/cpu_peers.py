@@ -43,10 +43,18 @@ PROMPT_TEXT = ("Explain, step by step and with examples, how a transformer langu
 
 
 def cpu_name() -> str:
+    """The CPU's name, family/model (names apart Xeons that /proc/cpuinfo calls alike) and SIMD level."""
     info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-             if line.startswith("model name")] if info.exists() else []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cpus"
+    fields = {}
+    for line in info.read_text().splitlines() if info.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not fields:
+        return f"{platform.machine()}, {os.cpu_count()} cpus"
+    flags = set(fields.get("flags", "").split())
+    simd = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni") if f in flags]
+    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}; {' '.join(simd) or 'no AVX2'}), {os.cpu_count()} cpus")
 
 
 def mlx_folder() -> Path:

@@ -115,7 +115,7 @@ def test_hf_and_consolidated_give_the_same_logits_as_transformers(tiny_dir, cons
     assert np.abs(logits(lm, ids) - la).max() < 1e-5
 
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 def test_quantized_output_is_bit_identical_to_mlx_lm_convert(tiny_dir, tmp_path):
     """4-bit g64 of a bf16 checkpoint: the same tensors mlx-lm writes, and both loaders agree."""
     from mlx_lm import convert as mlx_lm_convert
@@ -137,7 +137,7 @@ def test_quantized_output_is_bit_identical_to_mlx_lm_convert(tiny_dir, tmp_path)
     assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 def test_mixed_recipe_writes_per_layer_overrides_both_loaders_honour(tiny_dir, tmp_path):
     import mlx_lm
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -192,22 +196,31 @@ def rounded_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.rint(blocks * inv) * step).reshape(x.shape), np.broadcast_to(step, blocks.shape).reshape(x.shape)
 
 
-@pytest.fixture(params=["avx2", "512-bit"])
+@pytest.fixture(params=["avx2", "512-bit", "avx2 vnni", "512-bit vnni"])
 def int8_activations(float_activations, request):
-    """Each int8 GEMV in turn: the AVX2 one (cpu_q8.h) and the 512-bit one (cpu_q8w.h, K % 128 == 0)."""
+    """Each int8 GEMV in turn: the AVX2 one (cpu_q8.h) and the 512-bit one (cpu_q8w.h, K % 128 == 0),
+    each with maddubs/madd and with vpdpbusd (AVX512-VNNI)."""
     lib = float_activations
     if lib.mm_simd() < 2:
         pytest.skip("no AVX2 on this machine")
-    wide_before = lib.mm_int8_wide()
+    wide, vnni = request.param.startswith("512-bit"), request.param.endswith("vnni")
+    wide_before, vnni_before = lib.mm_int8_wide(), lib.mm_vnni()
     lib.mm_use_int8(1)
-    lib.mm_use_int8_wide(request.param == "512-bit")
-    if request.param == "512-bit" and not lib.mm_int8_wide():
-        pytest.skip("no AVX-512BW on this machine")
-    assert "int8 activations" in cpu.describe()
-    assert ("512-bit" in cpu.describe()) == (request.param == "512-bit")
-    yield
-    lib.mm_use_int8(0)
-    lib.mm_use_int8_wide(wide_before)
+    lib.mm_use_int8_wide(wide)
+    lib.mm_use_vnni(vnni)
+    try:
+        if wide and not lib.mm_int8_wide():
+            pytest.skip("no AVX-512BW on this machine")
+        if vnni and not lib.mm_vnni():
+            pytest.skip("no AVX512-VNNI on this machine")
+        assert "int8 activations" in cpu.describe()
+        assert ("512-bit" in cpu.describe()) == wide
+        assert ("VNNI" in cpu.describe()) == vnni
+        yield
+    finally:
+        lib.mm_use_int8(0)
+        lib.mm_use_int8_wide(wide_before)
+        lib.mm_use_vnni(vnni_before)
 
 
 @pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float16, mx.float32])
@@ -228,6 +241,56 @@ def test_int8_gemv_is_exact_on_rounded_x_and_bounded_against_mlx(int8_activation
         bound = 0.5 * (step @ np.abs(dense).T)  # (M, n)
         assert (np.abs(got - want) <= bound + 1e-5 * np.abs(want).max()).all(), (n, k)
         assert scaled_err_np(got, want) < 3e-2, (n, k)  # the bound's size on normal data
+
+
+@pytest.mark.parametrize("wide", [0, 1])
+def test_vnni_int8_gemv_is_bit_identical_to_maddubs(float_activations, wide):
+    """vpdpbusd sums the same int32 lanes maddubs/madd do (no int16 saturation with 4-bit weights)."""
+    lib = float_activations
+    vnni_before, wide_before = lib.mm_vnni(), lib.mm_int8_wide()
+    lib.mm_use_int8(1)
+    lib.mm_use_int8_wide(wide)
+    lib.mm_use_vnni(1)
+    try:
+        if not lib.mm_vnni() or lib.mm_int8_wide() != wide:
+            pytest.skip("no AVX512-VNNI (or AVX-512BW) on this machine")
+        for M, gs in [(1, 64), (3, 32), (8, 128)]:
+            w, s, b = quantized(96, 1280, gs, 4, dtype=mx.bfloat16, seed=M)
+            x = mx.random.normal((M, 1280), key=mx.random.key(M)) * 4  # large x: the most int8 range used
+            lib.mm_use_vnni(1)
+            with_vnni = np.array(cpu.quantized_matmul(x, w, s, b, group_size=gs, bits=4))
+            lib.mm_use_vnni(0)
+            without = np.array(cpu.quantized_matmul(x, w, s, b, group_size=gs, bits=4))
+            assert np.array_equal(with_vnni, without), (M, gs)
+    finally:
+        lib.mm_use_int8(0)
+        lib.mm_use_int8_wide(wide_before)
+        lib.mm_use_vnni(vnni_before)
+
+
+def test_x86_default_is_int8_activations_with_vnni_where_present(tmp_path):
+    """With AVX2 (AVX-512 CPUs included) a fresh process takes the int8 GEMV, with VNNI where the CPU
+    has it; MLX_MISTRAL_INT8=0 and MLX_MISTRAL_VNNI=0 turn each off."""
+    lib = cpu._library()[0]
+    if lib.mm_simd() < 2:
+        pytest.skip("no AVX2 on this machine")
+    code = "from mlx_mistral.kernels import cpu; print(cpu.describe())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_MISTRAL_")}
+
+    def describe(**extra):
+        run = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    default = describe()
+    assert "int8 activations" in default and "from 2 rows" not in default
+    info = Path("/proc/cpuinfo")
+    if info.exists():  # Linux: the kernel's own flags say whether VNNI (EVEX, so AVX-512 BW/VL too) exists
+        flags = set(next(line for line in info.read_text().splitlines() if line.startswith("flags")).split())
+        assert ("VNNI" in default) == ({"avx512_vnni", "avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags)
+    assert "int8 activations" not in describe(MLX_MISTRAL_INT8="0")
+    assert "VNNI" not in describe(MLX_MISTRAL_VNNI="0")
+    assert "VNNI" not in describe(MLX_MISTRAL_NO_AVX512="1")  # its EVEX form is AVX-512
 
 
 def scaled_err_np(got: np.ndarray, want: np.ndarray) -> float:

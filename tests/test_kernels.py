@@ -95,7 +95,7 @@ def test_reference_refuses_what_the_kernels_do_not_cover():
 
 # --- the dispatcher ---------------------------------------------------------------------------
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 @pytest.mark.parametrize("M", [1, 2, 5, 9, 16, 40])  # 40: the CPU prefill path
 def test_dispatched_matmuls_match_mlx(M):
     K, N = SHAPES["qkv"]
@@ -177,7 +177,7 @@ def quantized_linear(K: int, N: int, group_size: int = 64, bits: int = 4, seed: 
     return nn.QuantizedLinear.from_linear(layer, group_size=group_size, bits=bits)
 
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 @pytest.mark.parametrize("M", [1, 4, 9, 24])
 def test_fused_qkv_equals_separate_projections(M):
     parts = [quantized_linear(640, n, seed=i) for i, n in enumerate((512, 128, 128))]
@@ -189,7 +189,7 @@ def test_fused_qkv_equals_separate_projections(M):
         close(got, part(x), tol=1e-5)
 
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 @pytest.mark.parametrize("M", [1, 9, 24])
 def test_fused_gate_up_equals_swiglu_of_separate_projections(M):
     gate, up = quantized_linear(640, 1024, seed=1), quantized_linear(640, 1024, seed=2)
@@ -227,7 +227,7 @@ def assert_same_model(fused, unfused, ids: list[int], tol: float, n: int = 12) -
     assert greedy(fused, ids, n) == greedy(unfused, ids, n)
 
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 def test_fused_tiny_model_equals_unfused(tiny_dir, tiny_q4_dir):
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 8192, 24)]
     for folder in (tiny_dir, tiny_q4_dir):

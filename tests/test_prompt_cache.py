@@ -109,7 +109,7 @@ def test_cli_chat_reuses_the_file_and_the_conversation(tiny_dir, cache_file):
     assert len(cached) == 2 and 100 < cached[0] < cached[1]  # the document, then the whole first turn
 
 
-@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the AVX2 default) are bounded elsewhere
+@pytest.mark.usefixtures("float_activations")  # float tolerances: int8 activations (the x86 default) are bounded elsewhere
 def test_quantized_model_round_trip_through_the_native_decoder(tiny_q4_dir, tmp_path):
     """A 4-bit model on the CPU keeps its K/V in the native decoder's caches: the file still
     names mlx-lm's classes, and loading hands the decoder its own kind back."""

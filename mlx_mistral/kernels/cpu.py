@@ -110,6 +110,7 @@ def describe() -> str:
     if lib.mm_int8():
         rows = "" if lib.mm_int8() == 1 else " from 2 rows"
         simd += f", 4-bit GEMV on int8 activations{rows}" + (" (512-bit)" if lib.mm_int8_wide() else "")
+        simd += ", VNNI" if lib.mm_vnni() else ""
     return f"native CPU kernels ({simd}, {lib.mm_threads()} threads, {how})"
 
 

@@ -13,6 +13,11 @@
  *
  * y[n] = sum_chunks (isum . xd) * s_g + sum_g b_g * xsum_g = dequant(W)[n] . x~, with x~ the
  * rounded x: the only error is x's rounding, |x~ - x| <= d/2 per element.
+ *
+ * VNNI (AVX512-VNNI with VL: Ice Lake and later Xeons, Zen 4): vpdpbusd does maddubs + madd +
+ * add in one instruction, with the same int32 lanes (its products are summed in int32, where
+ * maddubs sums pairs in int16 first; they never saturate here, 2 x 15 x 127 < 32767), so the
+ * results are bit-identical. Each kernel is instantiated with and without it.
  */
 #ifdef MM_X86
 
@@ -64,10 +69,21 @@ AVX2 static inline __m256 q8_chunk_scale(const float* s, int64_t c, int gs, int 
     return _mm256_set1_ps(s[c >> sh]);
 }
 
+/* acc + per int32 lane the dot product of 4 unsigned bytes of a with 4 signed bytes of b
+ * (vpdpbusd). Inline asm, not the intrinsic: the intrinsic needs the VNNI target on every
+ * function it is inlined into, and the kernels share one target attribute for both
+ * instantiations; only the VNNI one, picked where the CPU has it, runs this. */
+AVX2 static inline __m256i dpbusd256(__m256i acc, __m256i a, __m256i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
 /* int32 lanes of one 64-weight chunk (lo/hi nibbles) against one input's 64 int8 values */
-AVX2 static inline __m256 q8_dot(__m256i lo, __m256i hi, const int8_t* xq, __m256i ones) {
-    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xq)),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + 32))));
+AVX2 static inline __attribute__((always_inline)) __m256 q8_dot(__m256i lo, __m256i hi, const int8_t* xq,
+                                                                 __m256i ones, const int VNNI) {
+    __m256i x0 = _mm256_loadu_si256((const __m256i*)xq), x1 = _mm256_loadu_si256((const __m256i*)(xq + 32));
+    if (VNNI) return _mm256_cvtepi32_ps(dpbusd256(dpbusd256(_mm256_setzero_si256(), lo, x0), hi, x1));
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
@@ -89,7 +105,7 @@ AVX2 static inline float q8_bias_dot(const float* b, const float* xs, int64_t G)
 /* NR rows (r[0..NR-1]) x MR inputs over chunks c0 .. c1; acc[j * MR + m] accumulates row j, input m */
 AVX2 static inline __attribute__((always_inline)) void q8_tile(
     const uint32_t* const* r, const float* const* s, const int8_t* xq, const float* xd, int64_t K, int gs,
-    int64_t c0, int64_t c1, int64_t pf, __m256* acc, const int NR, const int MR) {
+    int64_t c0, int64_t c1, int64_t pf, __m256* acc, const int NR, const int MR, const int VNNI) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int sh = gs == 128 ? 1 : 0;
     for (int64_t c = c0; c < c1; c++) {
@@ -99,7 +115,7 @@ AVX2 static inline __attribute__((always_inline)) void q8_tile(
             __m256i lo = _mm256_and_si256(W, m4), hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), m4);
             __m256 sv = q8_chunk_scale(s[j], c, gs, sh);
             for (int m = 0; m < MR; m++) {
-                __m256 t = _mm256_mul_ps(q8_dot(lo, hi, xq + m * K + 64 * c, ones), sv);
+                __m256 t = _mm256_mul_ps(q8_dot(lo, hi, xq + m * K + 64 * c, ones, VNNI), sv);
                 acc[j * MR + m] = _mm256_fmadd_ps(t, _mm256_loadu_ps(xd + m * (K / 8) + 8 * c), acc[j * MR + m]);
             }
         }
@@ -110,7 +126,8 @@ AVX2 static inline __attribute__((always_inline)) void q8_tile(
  * streaming its whole row; several: one row at a time through K tiles of Q8_KT chunks. */
 AVX2 static inline __attribute__((always_inline)) void q8_rows(
     const int8_t* xq, const float* xd, const float* xsum, int64_t K, const uint32_t* w, const void* sc,
-    const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y, int64_t ldy, float* sb, const int MR) {
+    const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y, int64_t ldy, float* sb, const int MR,
+    const int VNNI) {
     const int NR = MR == 1 ? 2 : 1;
     int64_t G = K / gs, wpr = K / 8, C = K / 64;
     const int64_t KT = MR == 1 ? C : Q8_KT, pf = MR == 1 ? PF_WORDS : 8 * Q8_KT;
@@ -129,7 +146,7 @@ AVX2 static inline __attribute__((always_inline)) void q8_rows(
             }
             __m256 acc[8];
             for (int i = 0; i < NR * MR; i++) acc[i] = tot[(n - n0) * MR + i];
-            q8_tile(r, s, xq, xd, K, gs, kt, kend, pf, acc, NR, MR);
+            q8_tile(r, s, xq, xd, K, gs, kt, kend, pf, acc, NR, MR, VNNI);
             for (int i = 0; i < NR * MR; i++)
                 if (n + i / MR < n1) tot[(n - n0) * MR + i] = acc[i];
         }
@@ -143,19 +160,12 @@ AVX2 static inline __attribute__((always_inline)) void q8_rows(
     }
 }
 
-/* mr (1..8) inputs; xq, xd and xsum point at the first one's */
+/* mr (1..8) inputs; xq, xd and xsum point at the first one's; vnni: with vpdpbusd */
 AVX2 static void gemv4_q8(const int8_t* xq, const float* xd, const float* xsum, int mr, int64_t K,
                           const uint32_t* w, const void* sc, const void* bi, int dt, int gs, int64_t n0, int64_t n1,
-                          float* y, int64_t ldy, float* sb) {
-    switch (mr) {
-        case 1: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 1); break;
-        case 2: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 2); break;
-        case 3: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 3); break;
-        case 4: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 4); break;
-        case 5: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 5); break;
-        case 6: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 6); break;
-        case 7: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 7); break;
-        default: q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 8); break;
-    }
+                          float* y, int64_t ldy, float* sb, int vnni) {
+#define Q8_ROWS(MR, V) q8_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, MR, V)
+    MR_VNNI_SWITCH(mr, vnni, Q8_ROWS);
+#undef Q8_ROWS
 }
 #endif

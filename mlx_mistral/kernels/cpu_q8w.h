@@ -13,11 +13,18 @@
  * come from one 4-float load and a permute (4 groups of 32, 2 of 64, or 1 of 128).
  *
  * The result is the AVX2 int8 kernel's: dequant(W) . x~ with x~ the rounded x, to fp32 accuracy.
+ * With VNNI, vpdpbusd replaces the two vpmaddubsw, the add and the vpmaddwd (as in cpu_q8.h).
  */
 #ifdef MM_X86
 
 #define AVX512BW __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define Q8W_KT 16  /* pairs of chunks per K tile with several inputs: 8 inputs x 2 KB stay in L1 */
+
+/* dpbusd256 on 512-bit registers */
+AVX512BW static inline __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
 
 /* one row's xq from chunk order [c.even | c.odd | c+1.even | c+1.odd] to pair order */
 static void q8w_pair_layout(int8_t* xq, int64_t K) {
@@ -33,7 +40,7 @@ static void q8w_pair_layout(int8_t* xq, int64_t K) {
  * each pair's first group); lg = log2(gs / 32); idx spreads 4, 2 or 1 scales over the 16 lanes */
 AVX512BW static inline __attribute__((always_inline)) void q8w_tile(
     const uint8_t* const* r, const float* const* s, const int8_t* xq, const float* xd, int64_t K, int lg,
-    __m512i idx, int64_t p0, int64_t p1, int64_t pf, __m512* acc, const int NR, const int MR) {
+    __m512i idx, int64_t p0, int64_t p1, int64_t pf, __m512* acc, const int NR, const int MR, const int VNNI) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi16(1);
     for (int64_t p = p0; p < p1; p++) {
         for (int j = 0; j < NR; j++) {
@@ -43,9 +50,11 @@ AVX512BW static inline __attribute__((always_inline)) void q8w_tile(
             __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s[j] + ((4 * p) >> lg))));
             for (int m = 0; m < MR; m++) {
                 const int8_t* xm = xq + m * K + 128 * p;
-                __m512i d = _mm512_add_epi16(_mm512_maddubs_epi16(lo, _mm512_loadu_si512((const void*)xm)),
-                                             _mm512_maddubs_epi16(hi, _mm512_loadu_si512((const void*)(xm + 64))));
-                __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(d, ones)), sv);
+                __m512i x0 = _mm512_loadu_si512((const void*)xm), x1 = _mm512_loadu_si512((const void*)(xm + 64));
+                __m512i d = VNNI ? dpbusd512(dpbusd512(_mm512_setzero_si512(), lo, x0), hi, x1)
+                                 : _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, x0),
+                                                                      _mm512_maddubs_epi16(hi, x1)), ones);
+                __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), sv);
                 acc[j * MR + m] = _mm512_fmadd_ps(t, _mm512_loadu_ps(xd + m * (K / 8) + 16 * p), acc[j * MR + m]);
             }
         }
@@ -57,7 +66,8 @@ AVX512BW static inline __attribute__((always_inline)) void q8w_tile(
  * through K tiles of Q8W_KT pairs, so the tile of x stays in L1. */
 AVX512BW static inline __attribute__((always_inline)) void q8w_rows(
     const int8_t* xq, const float* xd, const float* xsum, int64_t K, const uint32_t* w, const void* sc,
-    const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y, int64_t ldy, float* sb, const int MR) {
+    const void* bi, int dt, int gs, int64_t n0, int64_t n1, float* y, int64_t ldy, float* sb, const int MR,
+    const int VNNI) {
     const int NR = MR == 1 ? 2 : 1;
     const int lg = gs == 32 ? 0 : (gs == 64 ? 1 : 2);
     const __m512i idx = _mm512_srlv_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -79,7 +89,7 @@ AVX512BW static inline __attribute__((always_inline)) void q8w_rows(
             }
             __m512 acc[8];
             for (int i = 0; i < NR * MR; i++) acc[i] = tot[(n - n0) * MR + i];
-            q8w_tile(r, s, xq, xd, K, lg, idx, kt, kend, pf, acc, NR, MR);
+            q8w_tile(r, s, xq, xd, K, lg, idx, kt, kend, pf, acc, NR, MR, VNNI);
             for (int i = 0; i < NR * MR; i++)
                 if (n + i / MR < n1) tot[(n - n0) * MR + i] = acc[i];
         }
@@ -89,19 +99,12 @@ AVX512BW static inline __attribute__((always_inline)) void q8w_rows(
             y[m * ldy + n] = _mm512_reduce_add_ps(tot[(n - n0) * MR + m]) + bias_term(bi, dt, n * G, xsum + m * G, G);
 }
 
-/* mr (1..8) inputs in pair order; xq, xd and xsum point at the first one's */
+/* mr (1..8) inputs in pair order; xq, xd and xsum point at the first one's; vnni: with vpdpbusd */
 AVX512BW static void gemv4_q8w(const int8_t* xq, const float* xd, const float* xsum, int mr, int64_t K,
                                const uint32_t* w, const void* sc, const void* bi, int dt, int gs, int64_t n0,
-                               int64_t n1, float* y, int64_t ldy, float* sb) {
-    switch (mr) {
-        case 1: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 1); break;
-        case 2: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 2); break;
-        case 3: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 3); break;
-        case 4: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 4); break;
-        case 5: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 5); break;
-        case 6: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 6); break;
-        case 7: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 7); break;
-        default: q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, 8); break;
-    }
+                               int64_t n1, float* y, int64_t ldy, float* sb, int vnni) {
+#define Q8W_ROWS(MR, V) q8w_rows(xq, xd, xsum, K, w, sc, bi, dt, gs, n0, n1, y, ldy, sb, MR, V)
+    MR_VNNI_SWITCH(mr, vnni, Q8W_ROWS);
+#undef Q8W_ROWS
 }
 #endif
