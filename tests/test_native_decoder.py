@@ -206,8 +206,9 @@ def test_verbose_names_the_forward_path(smollm2_q4, monkeypatch):
     assert runtime_summary(native.model).endswith(f"forward: MLX ops ({NATIVE_ENV}=0)")
 
 
-def test_portable_build_runs_the_decoder_too(smollm2_q4):
-    """The kernels non-x86 machines get (NEON through the compiler), forced on this one."""
+def test_portable_build_runs_the_decoder_too(smollm2_q4, float_activations):
+    """The kernels non-x86 machines get (NEON through the compiler), forced on this one; the
+    reference on float activations (int8 ones are bounded in test_cpu_kernels)."""
     native, ref = smollm2_q4
     lib = cpu._library()[0]
     lib.mm_use_portable(1)
@@ -216,23 +217,26 @@ def test_portable_build_runs_the_decoder_too(smollm2_q4):
         got = run(native, [PROMPT, [28]])
     finally:
         lib.mm_use_portable(0)
+        lib.mm_use_int8(0)  # leaving the portable kernels restores the defaults
     for g, w in zip(got, run(ref, [PROMPT, [28]])):
         assert scaled_err(g, w) < 1e-4
 
 
 @pytest.mark.parametrize("portable", [False, True])
-def test_decode_rows_attend_over_a_long_cache(smollm2_q4, portable):
-    """Decode rows (attention per head and row, then the MLP's SiLU) at ~300 cached positions, a
-    count that is not a multiple of 8: the AVX2 versions (e^x in 8 lanes, masked tails) and the
-    portable C ones both match MLX."""
+def test_decode_rows_attend_over_a_long_cache(smollm2_q4, portable, float_activations):
+    """Decode rows (attention per KV head and row, then the MLP's SiLU) at ~300 cached positions,
+    a count that is not a multiple of 8: the AVX2 versions (e^x in 8 lanes, masked tails) and
+    the portable C ones both match MLX (float activations on both sides)."""
     native, ref = smollm2_q4
     chunks = [[int(i) for i in np.random.default_rng(0).integers(100, 40000, 299)], [28], [7018], [5]]
     lib = cpu._library()[0]
     lib.mm_use_portable(int(portable))
+    lib.mm_use_int8(0)  # mm_use_portable picks the default kernels again
     try:
         got = run(native, chunks)
     finally:
         lib.mm_use_portable(0)
+        lib.mm_use_int8(0)  # leaving the portable kernels restores the defaults
     for g, w in zip(got[1:], run(ref, chunks)[1:]):
         assert scaled_err(g, w) < 1e-4
         assert g.argmax() == w.argmax()
