@@ -140,15 +140,16 @@ static void softmax_inplace(float* s, int64_t n) {
 
 #include "cpu_attn.h"
 
-/* one (head, row) pair: chunk i = h * M + m; the row sees its own sequence's first pos + 1 keys */
+/* one (KV head, row) pair, with the query heads that share it: chunk i = g * M + m; the row sees
+ * its own sequence's first pos + 1 keys */
 static void attn_chunk(const void* p, int64_t i) {
     const attn_args* a = p;
-    int64_t h = i / a->M, m = i % a->M, hd = a->hd, L = a->pos[m] + 1, s_ = a->seq[m];
+    int64_t g = i / a->M, m = i % a->M, hd = a->hd, L = a->pos[m] + 1, s_ = a->seq[m];
     if (a->done && a->done[m]) return;
-    int64_t g = h / (a->n_heads / a->n_kv), cap = a->caps[s_];
-    float* s = malloc((size_t)L * sizeof(float));
-    attn_row(a->q + m * a->q_ld + h * hd, a->kc[s_] + g * cap * hd, a->vc[s_] + g * cap * hd, L, hd, a->scale, s,
-             a->out + m * a->n_heads * hd + h * hd);
+    int64_t rep = a->n_heads / a->n_kv, cap = a->caps[s_];
+    float* s = malloc((size_t)(rep * L) * sizeof(float));
+    attn_group(a->q + m * a->q_ld + g * rep * hd, a->kc[s_] + g * cap * hd, a->vc[s_] + g * cap * hd, L, hd, rep,
+               a->scale, s, a->out + m * a->n_heads * hd + g * rep * hd);
     free(s);
 }
 
@@ -260,9 +261,9 @@ static int attention_block(const mm_model* md, int64_t l, float* x, const fwd_ro
     }
     attn_args aa = {q, t->kl, t->vl, t->capl, r->pos, r->seq, q_ld, M, hd, md->n_heads, md->n_kv, md->scale, t->att,
                     NULL};
-    if (attend_segments(&aa, t->done)) {  /* rows no BLAS pass covered: one (head, row) chunk each */
+    if (attend_segments(&aa, t->done)) {  /* rows no BLAS pass covered: one (KV head, row) chunk each */
         aa.done = t->done;
-        run_job(attn_chunk, &aa, md->n_heads * M, bytes);
+        run_job(attn_chunk, &aa, md->n_kv * M, bytes);
     }
     rc = mat_mul(t->att, M, &L->o, t->xn);
     return rc != 0 ? rc : add_reduced(md, x, t->xn, M * H);
