@@ -8,7 +8,8 @@ round counts. mlx-mistral and mlx-lm load the same MLX 4-bit g64 folder (convert
 fp32 HF checkpoint with mlx_lm.convert); llama.cpp runs the original Q4_1 GGUF. Prefill tok/s is
 prompt length over time to first token; decode tok/s counts the tokens after it.
 Writes benchmarks/results/cpu/cpu_peers.json and .png (cpu_peers_Nthread.* for other thread
-counts; big_model.json / big_model_Nthread.json for --big).
+counts, then _avx2 with AVX-512 off and _float with MLX_MISTRAL_INT8=0; big_model.json /
+big_model_Nthread.json for --big). MLX_MISTRAL_RESULTS_DEVICE names the folder instead of cpu.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["results"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, key, title in zip(axes, ("prefill_tps", "decode_tps"), ("prefill", "decode")):
         values = [report["results"][n][key] for n in names]
         bars = ax.bar(range(len(names)), values, color=["tab:orange", "tab:olive", "tab:gray", "tab:blue"][: len(names)])
@@ -236,7 +237,11 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{title}, {report['prompt_tokens']}-token prompt, {report['threads']} threads")
-    fig.suptitle(f"{report['model']} on CPU ({report['machine']}, load average {report['load_average_before_after'][0]:.1f})")
+    ours = report["kernels"].split(", built")[0].removeprefix("native CPU kernels (")
+    simd = [f for f in ("AVX512", "AVX2") if f"{f} = 1" in report["results"].get("llama.cpp", {}).get("build", "")]
+    fig.suptitle(f"{report['model']} on CPU\n{report['machine']}, load average "
+                 f"{report['load_average_before_after'][0]:.1f}\nours: {ours}; llama.cpp: "
+                 f"{simd[0] if simd else '?'} build", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -261,6 +266,12 @@ def big(args) -> dict:
             "native_decoder": backend_for(model).name == "native-cpu", **res}
 
 
+def float_suffix() -> str:
+    """'_float' for an x86 run on float activations (MLX_MISTRAL_INT8=0), where int8 is the default."""
+    lib = cpu._library()[0]
+    return "_float" if lib is not None and lib.mm_simd() >= 2 and not lib.mm_int8() else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=128)
@@ -276,6 +287,7 @@ def main() -> None:
     if args.big:
         report.update(big(args))
         name = "big_model" if args.threads == 2 else f"big_model_{args.threads}thread"
+        name += float_suffix()
         (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
         return
     report.update(peers(args))
@@ -285,8 +297,7 @@ def main() -> None:
     name = "cpu_peers" if args.threads == 2 else f"cpu_peers_{args.threads}thread"
     lib = cpu._library()[0]
     name += {3: "", 2: "_avx2"}.get(lib.mm_simd(), "_portable")  # a run with AVX-512 turned off
-    if lib.mm_int8():  # the int8-activation GEMV ran: keep the fp32 run's files
-        name += "_int8"
+    name += float_suffix()
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / f"{name}.png")
     print(json.dumps(report["results"], indent=2))
