@@ -2,11 +2,10 @@
  *
  * A job is n chunks claimed through one atomic counter, a few consecutive ones at a time. The
  * caller works on its own job and waits only for chunks a worker has already claimed, never
- * for a worker to show up: on a
- * busy machine a descheduled worker costs nothing, where a fork/join barrier (OpenMP) would
- * stall every call until it runs again. Workers spin briefly after a job (decode issues
- * matmuls back to back), then sleep on a condition variable; at once while the caller waits on
- * other ranks (g_resting), whose processes may need these cores.
+ * for a worker to show up: on a busy machine a descheduled worker costs nothing, where a
+ * fork/join barrier (OpenMP) would stall every call until it runs again. Workers spin briefly
+ * after a job (decode issues matmuls back to back), then sleep on a condition variable; at once
+ * while the caller waits on other ranks (g_resting), whose processes may need these cores.
  */
 #define SPIN_NS 100000
 #define MAX_THREADS 256
